@@ -1,0 +1,1 @@
+"""ldm: latent diffusion training framework."""
