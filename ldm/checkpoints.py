@@ -1,0 +1,122 @@
+"""Safe loading and saving of weights: safetensors files and weights-only torch checkpoints.
+
+Nothing here ever unpickles arbitrary objects: ``.safetensors`` files hold tensors only, and
+``.ckpt``/``.pt`` files go through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit a module: lists the missing, unexpected and misshapen keys."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` file or a weights-only torch checkpoint (its ``state_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types for truncated headers
+            raise ValueError(f"{path} is not a readable safetensors file ({error}); re-export it") from error
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata stored in a safetensors header (empty for other formats)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def check_state_dict(module: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise ``CheckpointMismatchError`` naming every missing, unexpected or misshapen key."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshapen = sorted(
+        f"{key}: {tuple(state_dict[key].shape)} in {source}, {tuple(expected[key].shape)} in the model"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or misshapen:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+                parts.append(f"{title}: {shown}")
+        raise CheckpointMismatchError(
+            f"{source} does not fit {type(module).__name__}; " + "; ".join(parts)
+            + ". Check that the model config matches the one the weights were trained with."
+        )
+
+
+def load_weights(module: nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a weights file into ``module`` strictly; returns the file's metadata."""
+    state_dict = read_state_dict(path)
+    check_state_dict(module, state_dict, source=str(path))
+    module.load_state_dict(state_dict)
+    return read_metadata(path)
+
+
+def save_weights(module: nn.Module | dict[str, Tensor], path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a module's state dict as safetensors, atomically (temp file then rename).
+
+    Metadata values that are not strings are stored as JSON.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = module.state_dict() if isinstance(module, nn.Module) else module
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    text_metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in (metadata or {}).items()}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(temporary), metadata=text_metadata)
+    os.replace(temporary, path)
+    return path
+
+
+def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Rebuild a LightningModule from one of ldm's Lightning checkpoints (weights only, never code).
+
+    The checkpoint carries the resolved model config (``ldm_model_config``); frozen weights that
+    were left out of it are read again from the files the config names.
+    """
+    import hydra  # deferred: only this loader needs Hydra
+
+    from ldm.config import register_resolvers
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} could not be read as a weights-only checkpoint ({error})") from error
+    model_config = checkpoint.get("ldm_model_config")
+    if not model_config:
+        raise ValueError(f"{path} has no ldm_model_config: it was not written by ldm's train.py")
+    register_resolvers()
+    module = hydra.utils.instantiate(model_config)
+    module.model_config = model_config
+    module.on_load_checkpoint(checkpoint)
+    check_state_dict(module, checkpoint["state_dict"], source=str(path))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.to(map_location).eval()

@@ -1,0 +1,97 @@
+"""Frozen OpenCLIP text towers that turn captions into per-token context for the U-Net."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import open_clip
+import torch
+from torch import Tensor, nn
+
+LAYERS = ("last", "penultimate")
+
+
+class FrozenOpenCLIPTextEncoder(nn.Module):
+    """OpenCLIP text transformer returning per-token hidden states, frozen.
+
+    Either a named open_clip model (``model_name="ViT-H-14"``, ``pretrained`` a hub tag such as
+    ``"laion2b_s32b_b79k"`` or a local ``.pt``/``.safetensors`` path; the vision tower is dropped),
+    or a text tower built from ``text_cfg`` (the keyword arguments of
+    ``open_clip.transformer.TextTransformer``) with random weights drawn from ``seed``: no
+    pretrained text tower exists offline, and a frozen random transformer still maps different
+    captions to different, learnable-from context.
+
+    ``layer="penultimate"`` takes the output of the second-to-last block (Stable Diffusion 2.x),
+    ``"last"`` that of the final block (SD 1.x); both go through the final LayerNorm.
+    Captions are tokenised with open_clip's BPE tokenizer and padded to ``context_length`` tokens.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        text_cfg: dict[str, Any] | None = None,
+        layer: str = "last",
+        tokenizer_name: str = "ViT-H-14",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (model_name is None) == (text_cfg is None):
+            raise ValueError(
+                "FrozenOpenCLIPTextEncoder needs exactly one of model_name (an open_clip model such as "
+                "'ViT-H-14') or text_cfg (the arguments of a randomly initialised TextTransformer)"
+            )
+        if layer not in LAYERS:
+            raise ValueError(f"text encoder layer={layer!r}; choose one of {LAYERS}")
+        self.layer = layer
+        if model_name is not None:
+            clip = open_clip.create_model(model_name, pretrained=pretrained)
+            del clip.visual
+            self.tower = clip
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.tower = open_clip.transformer.TextTransformer(**dict(text_cfg))
+            self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+        self.context_length = int(self.tower.positional_embedding.shape[0])
+        self.output_dim = int(self.tower.token_embedding.weight.shape[1])
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Put the tower in eval mode and stop gradients to its weights."""
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenOpenCLIPTextEncoder":
+        """A frozen encoder stays in eval mode whatever the trainer asks (no dropout)."""
+        return super().train(False)
+
+    def tokenize(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> token ids (B, context_length) int64."""
+        return self.tokenizer(list(captions), context_length=self.context_length)
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> per-token states (B, context_length, output_dim)."""
+        device = self.tower.token_embedding.weight.device
+        tokens = self.tokenize(captions).to(device)
+        return self.encode_tokens(tokens)
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, L) -> per-token states (B, L, output_dim) from the chosen layer."""
+        tower = self.tower
+        cast_dtype = tower.token_embedding.weight.dtype
+        x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+        attn_mask = tower.attn_mask
+        blocks = tower.transformer.resblocks
+        num_blocks = len(blocks) - (1 if self.layer == "penultimate" else 0)
+        batch_first = getattr(tower.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks[:num_blocks]:
+            x = block(x, attn_mask=attn_mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return tower.ln_final(x)

@@ -1,0 +1,106 @@
+"""Text to image: text encoder -> guided sampler over the U-Net -> VAE decode.
+
+The one generation path of the project: sample logging during training, evaluation, notebooks
+and ``python -m ldm.tools.sample`` all call ``TextToImagePipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.samplers import sample
+
+
+class TextToImagePipeline:
+    """Generates images for prompts with classifier-free guidance.
+
+    ``text_encoder(captions) -> (B, L, D)``; ``unet(x, t, context)``; ``vae.decode(z)``.
+    Latents are divided by ``latent_scale_factor`` before decoding, as they were multiplied by it
+    when the U-Net was trained.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: Callable[[Sequence[str]], Tensor],
+        alphas_cumprod: Tensor,
+        latent_scale_factor: float,
+        prediction_type: str = "epsilon",
+        latent_channels: int | None = None,
+        vae_downsample_factor: int | None = None,
+    ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.alphas_cumprod = alphas_cumprod
+        self.latent_scale_factor = float(latent_scale_factor)
+        self.prediction_type = prediction_type
+        self.latent_channels = latent_channels or int(getattr(vae, "embed_dim", 4))
+        self.vae_downsample_factor = vae_downsample_factor or int(getattr(vae, "downsample_factor", 8))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> Tensor:
+        """Standard-normal latents (N, C, H/f, W/f), image i drawn from its own ``seeds[i]``.
+
+        Per-image seeds make an image independent of the batch it is generated in.
+        """
+        factor = self.vae_downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height={height} and width={width} must be multiples of the VAE factor {factor}")
+        shape = (self.latent_channels, height // factor, width // factor)
+        noises = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noises).to(self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        sampler: str = "ddim",
+        seed: int | Sequence[int] = 0,
+        negative_prompt: str = "",
+        guidance_rescale: float = 0.0,
+        batch_size: int | None = None,
+        **sampler_kwargs,
+    ) -> Tensor:
+        """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``."""
+        prompts = list(prompts)
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} prompts")
+        noise = self.initial_noise(seeds, height, width)
+        batch_size = batch_size or len(prompts)
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            batch_prompts = prompts[start : start + batch_size]
+            context = self.text_encoder(batch_prompts)
+            uncond_context = self.text_encoder([negative_prompt])
+            denoise = classifier_free_guidance(
+                self.unet, context, uncond_context, guidance_scale, guidance_rescale=guidance_rescale
+            )
+            # Stochastic samplers draw their step noise from a generator tied to the batch's first seed.
+            generator = torch.Generator(self.device).manual_seed(int(seeds[start]) + 1)
+            latents = sample(
+                sampler,
+                denoise,
+                noise[start : start + batch_size],
+                self.alphas_cumprod.to(self.device),
+                num_inference_steps,
+                prediction_type=self.prediction_type,
+                generator=generator,
+                **sampler_kwargs,
+            )
+            decoded = self.vae.decode(latents / self.latent_scale_factor)
+            images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0))
+        return torch.cat(images)

@@ -1,0 +1,95 @@
+"""Training callbacks: sample grids from the EMA U-Net at validation and at the end of training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.visualization import captioned_grid, to_pil_images
+
+
+class SampleGridLogger(L.Callback):
+    """Samples a fixed list of prompts with fixed seeds and logs the captioned grid.
+
+    Runs after each validation (not the sanity check) and at the end of training, on rank 0, with
+    the module's EMA U-Net through ``pl_module.pipeline()``. The grid goes to every W&B or
+    TensorBoard logger and to ``{output_dir}/samples/step_NNNNNN.png`` (and ``final.png``).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        output_dir: str,
+        height: int,
+        width: int,
+        seed: int = 0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        sampler: str = "ddim",
+        use_ema: bool = True,
+        columns: int = 6,
+        tile_size: int = 128,
+        batch_size: int | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("SampleGridLogger needs at least one prompt")
+        self.prompts = list(prompts)
+        self.output_dir = Path(output_dir)
+        self.height, self.width = height, width
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.sampler = sampler
+        self.use_ema = use_ema
+        self.columns = columns
+        self.tile_size = tile_size
+        self.batch_size = batch_size
+        self.last_grid_path: Path | None = None
+
+    @torch.no_grad()
+    def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] for the callback's prompts."""
+        pipeline = pl_module.pipeline(use_ema=self.use_ema)
+        return pipeline(
+            self.prompts, height=self.height, width=self.width, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, batch_size=self.batch_size,
+        )
+
+    @rank_zero_only
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+        was_training = pl_module.training
+        pl_module.eval()
+        images = to_pil_images(self.generate(pl_module))
+        pl_module.train(was_training)
+        grid = captioned_grid(images, self.prompts, columns=self.columns, tile_size=self.tile_size)
+        path = self.output_dir / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.last_grid_path = path
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/grid", images=[grid], caption=[name], step=trainer.global_step)
+                logger.log_image(key="samples/images", images=images, caption=self.prompts, step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                tensor = torch.from_numpy(np.asarray(grid)).permute(2, 0, 1)
+                logger.experiment.add_image("samples/grid", tensor, global_step=trainer.global_step)
+        return path
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.log_grid(trainer, pl_module, f"step_{trainer.global_step:06d}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self.log_grid(trainer, pl_module, "final")
+        if path is not None:
+            print(f"Sample grid written to {path}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

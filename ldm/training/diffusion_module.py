@@ -1,0 +1,209 @@
+"""LatentDiffusion: trains a U-Net on the latents of a frozen VAE, conditioned by a frozen text encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.checkpoints import load_weights
+from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.pipeline import TextToImagePipeline
+from ldm.training.ema import EMAModel
+from ldm.training.lr_schedules import WarmupSchedule
+from ldm.training.skip_logging import SkipCountLogging
+
+
+class LatentDiffusion(SkipCountLogging, L.LightningModule):
+    """Noise-prediction training of ``unet`` in the latent space of a frozen ``vae``.
+
+    Per step: images (B, 3, H, W) in [-1, 1] -> ``vae.encode(...).sample() * latent_scale_factor``
+    (B, C, H/f, W/f); captions -> ``text_encoder`` context (B, L, D); t ~ U{0..T-1}; x_t = q_sample;
+    loss = weighted MSE(unet(x_t, t, context), target of ``prediction_type``).
+
+    ``latent_scale_factor``: given in the config, else read from the VAE weights file's metadata
+    (stage 1 stores the value it measured on the data), else measured as 1/std of the first
+    training batch's latents. It is a buffer, so checkpoints keep it.
+    The VAE and text encoder are frozen: eval mode, no gradients, not in the optimizer, run under
+    ``torch.no_grad()``; weights that come from a file are not written into checkpoints again.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        noise_schedule: NoiseSchedule,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: WarmupSchedule | None = None,
+        vae_weights: str | None = None,
+        latent_scale_factor: float | None = None,
+        prediction_type: str = "epsilon",
+        loss_weighting: str = "uniform",
+        snr_gamma: float = 5.0,
+        offset_noise_strength: float = 0.0,
+        ema_decay: float | None = 0.9999,
+        sample_posterior: bool = True,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.noise_schedule = noise_schedule
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.snr_gamma = snr_gamma
+        self.offset_noise_strength = offset_noise_strength
+        self.sample_posterior = sample_posterior
+        self.vae_weights = vae_weights
+        self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
+        check_model_compatibility(unet, vae, text_encoder)
+
+        stored_scale = None
+        if vae_weights:
+            metadata = load_weights(vae, vae_weights)
+            stored_scale = float(metadata["latent_scale_factor"]) if "latent_scale_factor" in metadata else None
+        scale = latent_scale_factor if latent_scale_factor is not None else stored_scale
+        self.register_buffer("latent_scale_factor", torch.tensor(float(scale) if scale else float("nan")))
+        self.register_buffer("alphas_cumprod", noise_schedule.alphas_cumprod.clone().float(), persistent=False)
+        for frozen in (self.vae, self.text_encoder):
+            frozen.eval()
+            frozen.requires_grad_(False)
+        self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+
+    # ----------------------------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Train mode for the U-Net only: frozen parts stay in eval mode (no dropout, fixed norms)."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        if self.ema_unet is not None:
+            self.ema_unet.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
+        posterior = self.vae.encode(images)
+        latents = posterior.sample() if self.sample_posterior else posterior.mode()
+        if torch.isnan(self.latent_scale_factor):
+            self._measure_latent_scale_factor(latents)
+        return latents * self.latent_scale_factor
+
+    def _measure_latent_scale_factor(self, latents: Tensor) -> None:
+        """Set the scale factor to 1/std of these latents, averaged over ranks so all agree."""
+        std = latents.float().std()
+        std = self.all_gather(std).float().mean() if self.trainer is not None else std
+        self.latent_scale_factor.fill_(1.0 / float(std))
+        self.print(f"latent_scale_factor measured on the first batch: {float(self.latent_scale_factor):.5f}")
+
+    @torch.no_grad()
+    def encode_captions(self, captions: Sequence[str]) -> Tensor:
+        """Captions -> context (B, L, D) from the frozen text encoder."""
+        return self.text_encoder(list(captions))
+
+    def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps."""
+        batch_size = latents.shape[0]
+        num_timesteps = self.noise_schedule.num_train_timesteps
+        t = torch.randint(0, num_timesteps, (batch_size,), device=latents.device, generator=generator)
+        if self.offset_noise_strength > 0:
+            noise = offset_noise(latents.shape, self.offset_noise_strength, generator=generator,
+                                 device=latents.device, dtype=latents.dtype)
+        else:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        x_t = q_sample(latents, t, noise, self.alphas_cumprod)
+        prediction = self.unet(x_t, t, context)
+        target = training_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = loss_weights(self.loss_weighting, t, self.alphas_cumprod, self.prediction_type, self.snr_gamma)
+        return (weights * per_sample).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        latents = self.encode_images(batch["image"])
+        context = self.encode_captions(batch["caption"])
+        loss = self.diffusion_loss(latents, context)
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        self.log_skip_counts(batch)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema_unet is not None:
+            self.ema_unet.update_parameters(self.unet)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Loss at timesteps and noise fixed by the batch index, so values compare across validations."""
+        generator = torch.Generator(self.device).manual_seed(10_000 + batch_idx)
+        latents = self.encode_images(batch["image"])
+        context = self.encode_captions(batch["caption"])
+        loss = self.diffusion_loss(latents, context, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=latents.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
+        config: dict[str, Any] = {"optimizer": optimizer}
+        if self.lr_schedule is not None:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
+            config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
+        return config
+
+    # -------------------------------------------------------------------------------- generation
+    def pipeline(self, use_ema: bool = True) -> TextToImagePipeline:
+        """The text-to-image pipeline over this module's (EMA) U-Net, VAE and text encoder."""
+        if torch.isnan(self.latent_scale_factor):
+            raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
+        unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
+        return TextToImagePipeline(
+            unet=unet,
+            vae=self.vae,
+            text_encoder=self.encode_captions,
+            alphas_cumprod=self.alphas_cumprod,
+            latent_scale_factor=float(self.latent_scale_factor),
+            prediction_type=self.prediction_type,
+        )
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _weights_from_files(self) -> list[str]:
+        """Prefixes of submodules whose weights come from a fixed file, so checkpoints skip them."""
+        return ["vae."] if self.vae_weights else []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(self._weights_from_files())
+        if prefixes:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        checkpoint["ldm_model_config"] = self.model_config
+        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Frozen weights left out of the checkpoint were loaded from their file in __init__.
+        own = self.state_dict()
+        for prefix in self._weights_from_files():
+            for key, value in own.items():
+                if key.startswith(prefix):
+                    checkpoint["state_dict"].setdefault(key, value)
+
+
+def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> None:
+    """Catch at start-up the mismatches that would otherwise fail deep inside the first step."""
+    unet_in = getattr(unet, "in_channels", None)
+    vae_latent = getattr(vae, "embed_dim", None)
+    if unet_in is not None and vae_latent is not None and unet_in != vae_latent:
+        raise ValueError(
+            f"model.unet.in_channels={unet_in} but the VAE has {vae_latent} latent channels; "
+            f"set model.unet.in_channels={vae_latent} (and out_channels) or choose another VAE"
+        )
+    context_dim = getattr(unet, "context_dim", None)
+    text_dim = getattr(text_encoder, "output_dim", None)
+    if context_dim is not None and text_dim is not None and context_dim != text_dim:
+        raise ValueError(
+            f"model.unet.context_dim={context_dim} but the text encoder outputs {text_dim}-dim tokens; "
+            f"set model.unet.context_dim={text_dim} or choose another text_encoder"
+        )

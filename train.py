@@ -1,0 +1,33 @@
+"""Training entry point: python train.py experiment=NAME key=value ... (Hydra)."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from ldm.config import instantiate_group, instantiate_module, register_resolvers
+
+register_resolvers()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured module on the configured data; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = instantiate_module(cfg.model)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=instantiate_group(cfg.get("callbacks"))
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
