@@ -1,0 +1,77 @@
+"""Generate images from a trained checkpoint.
+
+    python -m ldm.tools.sample --ckpt outputs/train/demo/<time>/checkpoints/last.ckpt \
+        --prompt "a red circle on a white background" --prompt "a blue square on a gray background" \
+        --num-images 4 --sampler ddim --steps 50 --guidance-scale 5 --seed 0 --out-dir samples/
+
+Writes one PNG per image (``NNNN_<prompt>.png``) and ``grid.png`` with captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ldm.checkpoints import load_training_checkpoint
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.visualization import captioned_grid, to_pil_images
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe version of a prompt."""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "empty"
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from the command line and/or a file of one prompt per line (blank lines skipped)."""
+    collected = list(prompts or [])
+    if prompts_file:
+        collected += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not collected:
+        raise SystemExit("give at least one --prompt or a --prompts-file")
+    return collected
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--height", type=int, default=None, help="default: the training resolution")
+    parser.add_argument("--width", type=int, default=None, help="default: the training resolution")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA U-Net weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out-dir", default="samples")
+    args = parser.parse_args(argv)
+
+    prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
+    module = load_training_checkpoint(args.ckpt, map_location=args.device)
+    resolution = int(module.model_config.get("vae", {}).get("resolution", 256))
+    images = module.pipeline(use_ema=not args.no_ema)(
+        prompts, height=args.height or resolution, width=args.width or resolution,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+        seed=args.seed, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pil_images = to_pil_images(images)
+    paths = []
+    for index, (image, prompt) in enumerate(zip(pil_images, prompts)):
+        path = out_dir / f"{index:04d}_{slug(prompt)}.png"
+        image.save(path)
+        paths.append(path)
+    captioned_grid(pil_images, prompts, columns=min(8, len(prompts))).save(out_dir / "grid.png")
+    print(f"wrote {len(paths)} images and grid.png to {out_dir}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
