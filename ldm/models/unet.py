@@ -1,0 +1,224 @@
+"""The Stable Diffusion U-Net: ResBlocks with timestep embedding and spatial transformers.
+
+Module and parameter names follow the original checkpoints (``time_embed``, ``input_blocks``,
+``middle_block``, ``output_blocks``, ``out``), so ``model.diffusion_model.*`` tensors of an SD 1.x
+or 2.x checkpoint load with no renaming. One class serves every preset; presets are configs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.models.attention import SpatialTransformer
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B, dim) of timesteps (B,), int or fractional: cosines then sines."""
+    half = dim // 2
+    frequencies = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    angles = timesteps.float()[:, None] * frequencies[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def check_groups(channels: int, groups: int, key: str = "norm_num_groups") -> None:
+    if channels % groups:
+        raise ValueError(f"{key}={groups} does not divide {channels} channels; choose a {key} that divides "
+                         f"every channel count of the model (e.g. a power of two <= {channels})")
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the timestep embedding (added, or scale-shift after the second
+    norm), then GroupNorm-SiLU-dropout-conv, with a skip connection (1x1 conv if widths differ)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 use_scale_shift_norm: bool = False, norm_num_groups: int = 32, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        check_groups(channels, norm_num_groups)
+        check_groups(out_channels, norm_num_groups)
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(norm_num_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(norm_num_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out_layers[-1].weight)
+        nn.init.zeros_(self.out_layers[-1].bias)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (key ``op``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (key ``conv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence whose ResBlocks get the timestep embedding and transformers the context."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """Noise-prediction U-Net of Stable Diffusion, configured by its arguments.
+
+    ``attention_resolutions`` are downsampling factors (1 = the latent resolution) at which a
+    SpatialTransformer follows each ResBlock. Heads: ``num_heads`` per block, or, when
+    ``num_head_channels`` > 0 (SD 2.x: 64), channels // num_head_channels.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        model_channels: int = 320,
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (4, 2, 1),
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_heads: int = 8,
+        num_head_channels: int = -1,
+        context_dim: int | None = 768,
+        transformer_depth: int = 1,
+        use_linear_in_transformer: bool = False,
+        use_scale_shift_norm: bool = False,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        upcast_attention: bool = False,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        self.context_dim = context_dim
+        attention_resolutions = set(attention_resolutions)
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+
+        def res_block(channels: int, out: int) -> ResBlock:
+            return ResBlock(channels, time_embed_dim, out, dropout, use_scale_shift_norm, norm_num_groups, use_checkpoint)
+
+        def transformer(channels: int) -> SpatialTransformer:
+            if num_head_channels > 0:
+                if channels % num_head_channels:
+                    raise ValueError(f"num_head_channels={num_head_channels} does not divide {channels} channels")
+                heads, dim_head = channels // num_head_channels, num_head_channels
+            else:
+                if channels % num_heads:
+                    raise ValueError(f"num_heads={num_heads} does not divide {channels} channels")
+                heads, dim_head = num_heads, channels // num_heads
+            return SpatialTransformer(channels, heads, dim_head, transformer_depth, context_dim, dropout,
+                                      use_linear_in_transformer, norm_num_groups, upcast_attention, use_checkpoint)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        channels, factor = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res_block(channels, model_channels * mult)]
+                channels = model_channels * mult
+                if factor in attention_resolutions:
+                    layers.append(transformer(channels))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+                factor *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(channels, channels), transformer(channels), res_block(channels, channels)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for index in range(num_res_blocks + 1):
+                layers = [res_block(channels + skip_channels.pop(), model_channels * mult)]
+                channels = model_channels * mult
+                if factor in attention_resolutions:
+                    layers.append(transformer(channels))
+                if level and index == num_res_blocks:
+                    layers.append(Upsample(channels))
+                    factor //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(norm_num_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
+        """x (B, in_channels, H, W), timesteps (B,) int or float, context (B, L, context_dim)
+        -> (B, out_channels, H, W). H and W must be divisible by 2 ** (len(channel_mult) - 1)."""
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

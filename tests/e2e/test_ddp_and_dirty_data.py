@@ -1,0 +1,80 @@
+"""Multi-process training through train.py, and a run that meets a corrupt image and goes on."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL_DATA = [
+    "data.synthetic.num_train=512", "data.synthetic.num_val=64", "data.synthetic.samples_per_shard=128",
+    "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1", "trainer.limit_val_batches=1",
+]
+
+
+def run_train(tmp_path: Path, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LDM_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_to_the_end(tmp_path):
+    """Two CPU ranks (gloo), each on its own shards, reach max_steps and save a final checkpoint."""
+    result = run_train(tmp_path, [
+        "experiment=demo_vae", "trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=csv",
+        *SMALL_DATA,
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/train/demo_vae/*/checkpoints/last.ckpt")
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert "world_size: 2" in result.stderr + result.stdout or "GLOBAL_RANK: 1" in result.stderr + result.stdout
+
+
+def corrupt_first_image(shard: Path) -> str:
+    """Replace the first PNG in a tar shard by garbage bytes; returns its key."""
+    with tarfile.open(shard) as source:
+        members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
+    damaged_key = next(m.name.split(".")[0] for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(shard, "w") as target:
+        for member, data in members:
+            if member.name == f"{damaged_key}.png":
+                data = b"\x89PNG not really an image" + data[:7]
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    return damaged_key
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_is_skipped_counted_and_the_run_goes_on(tmp_path):
+    from ldm.data.synthetic import ensure_synthetic_dataset
+
+    train_spec, val_spec = ensure_synthetic_dataset(tmp_path / "data", num_train=256, num_val=64, samples_per_shard=128)
+    shards = sorted((tmp_path / "data").rglob("train-*.tar"))
+    for shard in shards:
+        corrupt_first_image(shard)
+    result = run_train(tmp_path, [
+        "experiment=demo_vae", "trainer.max_steps=40", "trainer.val_check_interval=20", "logger=csv",
+        f"data.train_shards={train_spec}", f"data.val_shards={val_spec}", "data.synthetic=null",
+        "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1", "trainer.limit_val_batches=1",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = tmp_path.glob("outputs/train/demo_vae/*/csv/version_0/metrics.csv")
+    import csv
+
+    with metrics.open() as handle:
+        rows = list(csv.DictReader(handle))
+    skip_columns = [c for c in rows[0] if c.startswith("data/skipped/")]
+    assert skip_columns, f"no skip counter logged; columns: {list(rows[0])}"
+    totals = [float(r[c]) for r in rows for c in skip_columns if r.get(c)]
+    assert max(totals) >= 1
+    assert "skip" in (result.stderr + result.stdout).lower()
