@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.layers import group_norm
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of queries (B, N, query_dim) over keys/values from ``context``
@@ -104,7 +106,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.norm = group_norm(in_channels, norm_num_groups, eps=1e-6, owner="UNetModel")
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = nn.Linear(inner_dim, in_channels)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.models.layers import Upsample, group_norm
+
 
 class DiagonalGaussianDistribution:
     """Gaussian with diagonal covariance from moments (B, 2C, h, w) = (mean, log-variance)."""
@@ -36,11 +38,8 @@ class DiagonalGaussianDistribution:
         return 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    if channels % groups:
-        raise ValueError(f"model.vae.norm_num_groups={groups} does not divide {channels} channels; "
-                         f"choose one that divides ch * every ch_mult entry")
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return group_norm(channels, groups, eps=1e-6, owner="AutoencoderKL")
 
 
 class ResnetBlock(nn.Module):
@@ -48,18 +47,17 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        self.nin_shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -67,7 +65,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -92,17 +90,6 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Encoder(nn.Module):
     """Images (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f), f = 2 ** (levels - 1)."""
 
@@ -125,12 +112,14 @@ class Encoder(nn.Module):
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(block_in)
                 current_resolution //= 2
+            else:
+                stage.downsample = nn.Identity()
             self.down.append(stage)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, groups)
         self.mid.attn_1 = AttnBlock(block_in, groups) if mid_attention else nn.Identity()
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, groups)
-        self.norm_out = group_norm(block_in, groups)
+        self.norm_out = _norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,8 +129,7 @@ class Encoder(nn.Module):
                 h = block(h)
                 if len(stage.attn):
                     h = stage.attn[index](h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+            h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -176,9 +164,11 @@ class Decoder(nn.Module):
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 current_resolution *= 2
+            else:
+                stage.upsample = nn.Identity()
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = group_norm(block_in, groups)
+        self.norm_out = _norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -189,8 +179,7 @@ class Decoder(nn.Module):
                 h = block(h)
                 if len(stage.attn):
                     h = stage.attn[index](h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

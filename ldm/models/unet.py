@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.attention import SpatialTransformer
+from ldm.models.layers import Upsample, group_norm
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -31,12 +32,6 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     return embedding
 
 
-def check_groups(channels: int, groups: int, key: str = "norm_num_groups") -> None:
-    if channels % groups:
-        raise ValueError(f"{key}={groups} does not divide {channels} channels; choose a {key} that divides "
-                         f"every channel count of the model (e.g. a power of two <= {channels})")
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, plus the timestep embedding (added, or scale-shift after the second
     norm), then GroupNorm-SiLU-dropout-conv, with a skip connection (1x1 conv if widths differ)."""
@@ -45,18 +40,17 @@ class ResBlock(nn.Module):
                  use_scale_shift_norm: bool = False, norm_num_groups: int = 32, use_checkpoint: bool = False) -> None:
         super().__init__()
         out_channels = out_channels or channels
-        check_groups(channels, norm_num_groups)
-        check_groups(out_channels, norm_num_groups)
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(norm_num_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels, norm_num_groups, eps=1e-5, owner="UNetModel"), nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         )
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(norm_num_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            group_norm(out_channels, norm_num_groups, eps=1e-5, owner="UNetModel"), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.out_layers[-1].weight)
@@ -89,17 +83,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (key ``conv``)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -148,28 +131,40 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.context_dim = context_dim
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
         attention_resolutions = set(attention_resolutions)
+        reachable = {2**level for level in range(len(channel_mult))}
+        if not attention_resolutions <= reachable:
+            raise ValueError(
+                f"attention_resolutions={sorted(attention_resolutions)} names downsampling factors this U-Net never "
+                f"reaches; with channel_mult of length {len(channel_mult)} choose from {sorted(reachable)}"
+            )
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
 
         def res_block(channels: int, out: int) -> ResBlock:
-            return ResBlock(channels, time_embed_dim, out, dropout, use_scale_shift_norm, norm_num_groups, use_checkpoint)
+            return ResBlock(channels, time_embed_dim, out, dropout, use_scale_shift_norm, norm_num_groups,
+                            use_checkpoint)
 
         def transformer(channels: int) -> SpatialTransformer:
             if num_head_channels > 0:
                 if channels % num_head_channels:
-                    raise ValueError(f"num_head_channels={num_head_channels} does not divide {channels} channels")
+                    raise ValueError(f"num_head_channels={num_head_channels} does not divide a transformer's "
+                                     f"{channels} channels; choose a divisor of model_channels * each channel_mult")
                 heads, dim_head = channels // num_head_channels, num_head_channels
             else:
                 if channels % num_heads:
-                    raise ValueError(f"num_heads={num_heads} does not divide {channels} channels")
+                    raise ValueError(f"num_heads={num_heads} does not divide a transformer's {channels} channels; "
+                                     f"choose a divisor of model_channels * each channel_mult or set num_head_channels")
                 heads, dim_head = num_heads, channels // num_heads
             return SpatialTransformer(channels, heads, dim_head, transformer_depth, context_dim, dropout,
                                       use_linear_in_transformer, norm_num_groups, upcast_attention, use_checkpoint)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+        )
         skip_channels = [model_channels]
         channels, factor = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -202,16 +197,18 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(norm_num_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels, norm_num_groups, eps=1e-5, owner="UNetModel"), nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
         """x (B, in_channels, H, W), timesteps (B,) int or float, context (B, L, context_dim)
-        -> (B, out_channels, H, W). H and W must be divisible by 2 ** (len(channel_mult) - 1)."""
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        -> (B, out_channels, H, W). H and W must be divisible by ``downsample_factor``; a single
+        timestep (0-dim or (1,)) is used for the whole batch."""
+        self._check_inputs(x, context)
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         h = x
         skips = []
@@ -222,3 +219,16 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
+
+    def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
+        if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
+            raise ValueError(f"UNetModel input of spatial size {tuple(x.shape[-2:])} is not divisible by "
+                             f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)); resize or crop the latents")
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("UNetModel was built with context_dim=None but got a context; pass context=None "
+                                 "or set context_dim to the text encoder's width")
+        elif context is None or context.shape[-1] != self.context_dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"UNetModel needs context (B, L, {self.context_dim}) (context_dim={self.context_dim}), "
+                             f"got {got}; pass the text encoder's output (an empty prompt's for unconditional)")
