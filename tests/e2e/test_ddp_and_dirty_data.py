@@ -64,7 +64,7 @@ def test_a_corrupt_image_is_skipped_counted_and_the_run_goes_on(tmp_path):
         corrupt_first_image(shard)
     result = run_train(tmp_path, [
         "experiment=demo_vae", "trainer.max_steps=40", "trainer.val_check_interval=20", "logger=csv",
-        f"data.train_shards={train_spec}", f"data.val_shards={val_spec}", "data.synthetic=null",
+        f"data.train_shards='{train_spec}'", f"data.val_shards='{val_spec}'", "data.synthetic=null",
         "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1", "trainer.limit_val_batches=1",
     ])
     assert result.returncode == 0, result.stderr[-3000:]

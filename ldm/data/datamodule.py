@@ -1,0 +1,152 @@
+"""LightningDataModule over image-text WebDataset shards, or over the built-in synthetic set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.data.shards import collate_samples, expand_shards, image_text_dataset
+from ldm.data.synthetic import ensure_synthetic_dataset
+
+logger = logging.getLogger(__name__)
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://")
+
+
+def existing_shards(spec: str, name: str) -> list[str]:
+    """The shards that ``spec`` (brace pattern) names and that exist; remote URLs are kept unchecked.
+
+    Raises FileNotFoundError naming ``name`` and the pattern when no local file matches; warns
+    when only some are missing (they would be skipped as unreadable anyway).
+    """
+    urls = expand_shards(spec)
+    local = [url for url in urls if not url.startswith(_REMOTE_PREFIXES)]
+    missing = [url for url in local if not os.path.isfile(url)]
+    if local and len(missing) == len(local):
+        raise FileNotFoundError(
+            f"data.{name}={spec!r} expands to {len(urls)} path(s) but no file matched (first: {urls[0]}); "
+            f"check the path and the brace range, or use data=synthetic for the built-in set"
+        )
+    if missing:
+        logger.warning("data.%s: %d of %d shards do not exist and are left out (first: %s)",
+                       name, len(missing), len(urls), missing[0])
+    missing_set = set(missing)
+    return [url for url in urls if url not in missing_set]
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training and validation dataloaders over WebDataset shards (img2dataset layout).
+
+    Batches: ``{"image": (B, 3, resolution, resolution) float in [-1, 1], "caption": list[str],
+    "key": list[str], "original_size": (B, 2) long, "crop_coords": (B, 2) long, "skipped": {reason: count}}``.
+
+    Training reads an endless, shuffled stream of each rank's own shards, cut into epochs of
+    ``train_epoch_length`` samples per rank (full batches only; the same number of batches on every
+    rank), with caption dropout. Validation reads every sample once, unshuffled, across ranks.
+    When ``synthetic`` (keyword arguments of ``ensure_synthetic_dataset``, including ``data_dir``) is
+    given and ``train_shards`` is not, the built-in set is generated in ``prepare_data`` and used;
+    its validation shards are used unless ``val_shards`` is given.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        resolution: int = 32,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        caption_dropout_prob: float = 0.1,
+        shuffle_buffer: int = 1000,
+        train_epoch_length: int = 100_000,
+        seed: int = 0,
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if resolution <= 0:
+            raise ValueError(f"data.resolution={resolution} must be a positive number of pixels, e.g. 256")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size={batch_size} must be positive")
+        if val_batch_size is not None and val_batch_size <= 0:
+            raise ValueError(f"data.val_batch_size={val_batch_size} must be positive, or null to use data.batch_size")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0 loads in the main process)")
+        if not 0.0 <= caption_dropout_prob <= 1.0:
+            raise ValueError(f"data.caption_dropout_prob={caption_dropout_prob} must lie in [0, 1] (0.1 is usual)")
+        if shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 0")
+        if train_epoch_length < batch_size * max(1, num_workers):
+            raise ValueError(
+                f"data.train_epoch_length={train_epoch_length} samples per rank must give every one of the "
+                f"{max(1, num_workers)} loader worker(s) a full batch of {batch_size}; "
+                f"set it to at least {batch_size * max(1, num_workers)}"
+            )
+        if train_shards is None and synthetic is None:
+            raise ValueError(
+                "no training data: set data.train_shards (e.g. '/data/laion/{00000..00099}.tar') "
+                "or use data=synthetic for the built-in set"
+            )
+        if synthetic is not None and "data_dir" not in synthetic:
+            raise ValueError(f"data.synthetic={dict(synthetic)} needs data_dir (where to write the set)")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.caption_dropout_prob = caption_dropout_prob
+        self.shuffle_buffer = shuffle_buffer
+        self.train_epoch_length = train_epoch_length
+        self.seed = seed
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.train_urls: list[str] | None = None
+        self.val_urls: list[str] | None = None
+
+    def _uses_synthetic(self) -> bool:
+        return self.synthetic is not None and self.train_shards is None
+
+    def prepare_data(self) -> None:
+        """Generate the built-in set if it is used and missing (Lightning runs this on one process per node)."""
+        if self._uses_synthetic():
+            ensure_synthetic_dataset(**self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard patterns to existing files (runs on every rank)."""
+        train_spec, val_spec = self.train_shards, self.val_shards
+        if self._uses_synthetic():
+            # Already generated by prepare_data; this only computes the paths (or waits out a race).
+            train_spec, synthetic_val = ensure_synthetic_dataset(**self.synthetic)
+            val_spec = val_spec or synthetic_val
+        self.train_urls = existing_shards(train_spec, "train_shards")
+        self.val_urls = existing_shards(val_spec, "val_shards") if val_spec else None
+
+    def _loader(self, dataset: torch.utils.data.IterableDataset, batch_size: int, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless shuffled stream of this rank's shards, ``train_epoch_length`` samples per epoch."""
+        if self.train_urls is None:
+            self.setup("fit")
+        dataset = image_text_dataset(
+            self.train_urls, self.resolution, train=True, caption_dropout_prob=self.caption_dropout_prob,
+            shuffle_buffer=self.shuffle_buffer, epoch_length=self.train_epoch_length, seed=self.seed,
+        )
+        # Each worker batches its own samples: dropping partial batches keeps the batch count equal on all ranks.
+        return self._loader(dataset, self.batch_size, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Every validation sample once across ranks and workers; ``[]`` (no validation) without val shards."""
+        if self.train_urls is None:
+            self.setup("validate")
+        if not self.val_urls:
+            return []
+        dataset = image_text_dataset(self.val_urls, self.resolution, train=False, seed=self.seed)
+        return self._loader(dataset, self.val_batch_size, drop_last=False)

@@ -1,0 +1,192 @@
+"""The built-in data set: deterministic shards, captions that state the scene, and a classifier that reads it back."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from ldm.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    MARKER_NAME,
+    SHAPES,
+    caption_for,
+    classify_scene,
+    ensure_synthetic_dataset,
+    parse_caption,
+    render_scene,
+    sample_scene_facts,
+    shape_coverage,
+    write_synthetic_shards,
+)
+
+FACTS = ("shape", "colour", "background")
+
+
+def read_shard(path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, extension = member.name.split(".", 1)
+            samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
+
+
+def test_same_seed_gives_byte_identical_shards_and_another_seed_differs(tmp_path):
+    first = write_synthetic_shards(tmp_path / "a", num_samples=40, samples_per_shard=16, seed=5)
+    second = write_synthetic_shards(tmp_path / "b", num_samples=40, samples_per_shard=16, seed=5)
+    other = write_synthetic_shards(tmp_path / "c", num_samples=40, samples_per_shard=16, seed=6)
+    assert [p.name for p in first] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()
+    assert first[0].read_bytes() != other[0].read_bytes()
+
+
+def test_shards_follow_the_img2dataset_layout_and_captions_state_the_facts(tmp_path):
+    shards = write_synthetic_shards(tmp_path, num_samples=40, samples_per_shard=16, resolution=24, seed=1)
+    samples = {k: v for shard in shards for k, v in read_shard(shard).items()}
+    assert sorted(samples) == [f"{i:09d}" for i in range(40)]  # shard index * 16 + position
+    assert list(read_shard(shards[1]))[0] == "000000016"
+    for key, files in samples.items():
+        assert set(files) == {"png", "txt", "json"}
+        metadata = json.loads(files["json"])
+        caption = files["txt"].decode()
+        assert metadata["key"] == key and metadata["caption"] == caption
+        assert (metadata["width"], metadata["height"]) == (24, 24)
+        assert parse_caption(caption) == {fact: metadata[fact] for fact in FACTS}
+        assert caption == caption_for(metadata["shape"], metadata["colour"], metadata["background"])
+        image = Image.open(io.BytesIO(files["png"]))
+        assert image.size == (24, 24) and image.mode == "RGB"
+        size, (x, y) = metadata["size"], metadata["centre"]
+        assert 0.4 <= size <= 0.75 and size / 2 <= x <= 1 - size / 2 and size / 2 <= y <= 1 - size / 2
+
+
+def test_every_combination_appears_equally_often_and_sizes_and_positions_vary():
+    facts = sample_scene_facts(54 * 4, seed=0, split="train")
+    combinations = Counter((f["shape"], f["colour"], f["background"]) for f in facts)
+    assert len(combinations) == len(SHAPES) * len(COLOURS) * len(BACKGROUNDS) == 54
+    assert set(combinations.values()) == {4}
+    sizes = np.array([f["size"] for f in facts])
+    assert sizes.min() < 0.45 and sizes.max() > 0.7
+    assert sample_scene_facts(10, seed=0, split="val") != facts[:10]
+
+
+def test_no_shape_colour_is_a_background_colour():
+    assert not set(COLOURS.values()) & set(BACKGROUNDS.values())
+
+
+def test_captions_and_facts_are_inverse():
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for background in BACKGROUNDS:
+                caption = caption_for(shape, colour, background)
+                assert parse_caption(caption) == {"shape": shape, "colour": colour, "background": background}
+    assert caption_for("circle", "red", "white") == "a red circle on a white background"
+    for bad in ("a red circle", "a purple circle on a white background", "a red cube on a white background", ""):
+        with pytest.raises(ValueError):
+            parse_caption(bad)
+    with pytest.raises(ValueError, match="colour='purple'"):
+        caption_for("circle", "purple", "white")
+
+
+def test_rendered_shapes_have_the_expected_area_and_antialiased_edges():
+    """Coverage area matches the geometry (square s^2, circle pi s^2/4, triangle s^2/2) to 1 %."""
+    resolution, size = 64, 0.5
+    side = size * resolution
+    expected = {"square": side**2, "circle": np.pi * side**2 / 4, "triangle": side**2 / 2}
+    for shape, area in expected.items():
+        coverage = shape_coverage(shape, size, (0.51, 0.47), resolution)
+        assert abs(coverage.sum() - area) / area < 0.01
+        partial = ((coverage > 0) & (coverage < 1)).sum()
+        assert partial > 0  # edges are blended, not aliased
+    image = np.asarray(render_scene("circle", "red", "black", size, (0.5, 0.5), resolution))
+    edge_values = set(image[..., 0].ravel().tolist()) - {0, 255}
+    assert edge_values  # intermediate reds on the rim
+
+
+def test_classify_scene_reads_back_the_facts_of_real_scenes():
+    """>= 99 % per fact on 324 generated scenes (here all were right when measured: 0 errors in 1500)."""
+    facts = sample_scene_facts(324, seed=11, split="classifier-test")
+    hits = Counter()
+    for scene in facts:
+        found = classify_scene(render_scene(resolution=32, **scene))
+        hits.update(fact for fact in FACTS if found[fact] == scene[fact])
+    for fact in FACTS:
+        assert hits[fact] / len(facts) >= 0.99, (fact, hits)
+
+
+def test_classify_scene_is_robust_to_mild_noise_and_blur():
+    """Gaussian blur (radius 0.7 px) and noise of std 0.05 (in [0, 1] units): still >= 95 % per fact."""
+    facts = sample_scene_facts(216, seed=12, split="classifier-test")
+    rng = np.random.default_rng(0)
+    hits = Counter()
+    for scene in facts:
+        image = render_scene(resolution=32, **scene).filter(ImageFilter.GaussianBlur(0.7))
+        noisy = np.clip(np.asarray(image) / 255.0 + rng.normal(0.0, 0.05, (32, 32, 3)), 0.0, 1.0)
+        found = classify_scene(noisy)
+        hits.update(fact for fact in FACTS if found[fact] == scene[fact])
+    for fact in FACTS:
+        assert hits[fact] / len(facts) >= 0.95, (fact, hits)
+
+
+def test_classify_scene_accepts_tensors_in_both_ranges_and_reports_no_shape():
+    image = render_scene("triangle", "cyan", "gray", 0.6, (0.4, 0.6), resolution=32)
+    expected = {"shape": "triangle", "colour": "cyan", "background": "gray"}
+    signed = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0  # the pipeline's images
+    assert classify_scene(signed) == expected
+    assert classify_scene((signed + 1) / 2) == expected  # the sampler's [0, 1] images
+    assert classify_scene(np.array(image)) == expected
+    blank = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
+    assert classify_scene(blank) == {"shape": "none", "colour": "none", "background": "white"}
+
+
+def test_a_shape_touching_the_border_does_not_change_the_background():
+    """Largest shape pressed into a corner: the border is mostly shape on two sides."""
+    image = render_scene("square", "yellow", "black", 0.75, (0.375, 0.375), resolution=32)
+    assert classify_scene(image) == {"shape": "square", "colour": "yellow", "background": "black"}
+
+
+def test_ensure_synthetic_dataset_generates_once_then_reuses(tmp_path):
+    started = time.perf_counter()
+    train, val = ensure_synthetic_dataset(tmp_path, num_train=96, num_val=20, samples_per_shard=32, seed=2)
+    seconds = time.perf_counter() - started
+    directory = tmp_path / "synthetic-32px-2"
+    assert train == str(directory / "train-{000000..000002}.tar")
+    assert val == str(directory / "val-{000000..000000}.tar")
+    assert sorted(p.name for p in directory.iterdir()) == [
+        MARKER_NAME, "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar",
+    ]
+    assert json.loads((directory / MARKER_NAME).read_text())["num_train"] == 96
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert seconds < 10
+    stamp = (directory / "train-000000.tar").stat().st_mtime_ns
+    assert ensure_synthetic_dataset(tmp_path, num_train=96, num_val=20, samples_per_shard=32, seed=2) == (train, val)
+    assert (directory / "train-000000.tar").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_ensure_synthetic_dataset_replaces_an_incomplete_or_different_set(tmp_path):
+    directory = tmp_path / "synthetic-32px-0"
+    directory.mkdir()
+    (directory / "train-000000.tar").write_bytes(b"half written")  # a crash before the marker
+    train, _ = ensure_synthetic_dataset(tmp_path, num_train=32, num_val=8, samples_per_shard=32)
+    assert tarfile.is_tarfile(directory / "train-000000.tar")
+    train, _ = ensure_synthetic_dataset(tmp_path, num_train=64, num_val=8, samples_per_shard=32)
+    assert train.endswith("train-{000000..000001}.tar")
+    assert len(read_shard(directory / "train-000001.tar")) == 32
+
+
+def test_invalid_arguments_are_rejected_with_the_value_named(tmp_path):
+    with pytest.raises(ValueError, match="resolution=4"):
+        write_synthetic_shards(tmp_path, num_samples=4, resolution=4)
+    with pytest.raises(ValueError, match="num_samples=0"):
+        write_synthetic_shards(tmp_path, num_samples=0)
+    with pytest.raises(ValueError, match="shape='hexagon'"):
+        render_scene("hexagon", "red", "white", 0.5, (0.5, 0.5))
