@@ -5,6 +5,9 @@ PYTHON := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 VAE_WEIGHTS := models/demo/vae.safetensors
 export HF_HUB_OFFLINE ?= 1
+# On a shared CPU, OpenMP threads that busy-wait for each other stall when other processes hold the
+# cores (measured here: 22.7 s vs 0.54 s per demo U-Net step under load); passive waiting avoids it.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test
 
