@@ -1,0 +1,434 @@
+"""Samplers of the reverse process: DDPM, DDIM, Euler, Euler ancestral and DPM-Solver++(2M).
+
+Each sampler is a loop over timesteps around one ``denoise(x, t) -> model output`` callable
+(guidance wraps that callable; see ``guidance.py``). The denoiser receives the model-space input
+x_t (B, C, H, W) of the variance-preserving process and float timesteps t (B,) in [0, T), and
+returns an output of ``prediction_type``; the sampler turns it into x0 / eps itself. ``noise`` is a
+standard-normal tensor of the latent shape; samplers return the final x0 estimate (B, C, H, W).
+Stochastic samplers draw fresh noise with ``torch.randn(..., generator=generator)`` at each step, in
+the order diffusers' schedulers do, so a generator seeded alike gives the same samples as diffusers.
+
+Timesteps, sigmas and step rules follow diffusers 0.42 (``DDPMScheduler``, ``DDIMScheduler``,
+``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``
+with ``algorithm_type="dpmsolver++", solver_order=2``) at their constructor defaults, except where a
+sampler's docstring says otherwise. Deliberate differences: ldm never clips or thresholds x0
+(diffusers' DDPM and DDIM default to ``clip_sample=True``, meant for pixels in [-1, 1], not latents);
+DDIM always ends at alpha 1 and steps to the next listed timestep (see ``sample_ddim``); no Euler
+"churn"; ``make_timesteps`` avoids two diffusers edge cases (see there).
+
+Every sampler also takes ``steps_offset`` (added to "leading" timesteps; SD 1.x configs use 1) and
+``callback(step_index, x, x0_estimate)``, called after each step (for previews and step-by-step tests).
+
+Euler-type samplers work in the "sigma" parametrisation x = x0 + sigma * eps (x = x_t / sqrt(a),
+sigma = sqrt((1 - a) / a)) and feed the model x / sqrt(sigma^2 + 1), which is x_t again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.objectives import check_prediction_type, x0_and_eps_from_prediction
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, x0 estimate)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# Euler-type samplers need a finite sigma at every step. Where a zero-terminal-SNR schedule has
+# alphas_cumprod == 0, use the smallest positive fp16 subnormal instead, as diffusers does.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+# ------------------------------------------------------------------------------------- timesteps
+def make_timesteps(
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    integer: bool = True,
+) -> Tensor:
+    """Descending timesteps (num_inference_steps,), spaced as diffusers defines them
+    (Lin et al. 2023, Table 2), with n = num_inference_steps and T = num_train_timesteps:
+
+    - ``leading``: k * (T // n) + steps_offset for k = n-1 .. 0 (never reaches T - 1);
+    - ``trailing``: round(T - k * T / n) - 1 for k = 0 .. n-1 (starts at T - 1);
+    - ``linspace``: n evenly spaced points from T - 1 down to 0, rounded.
+
+    int64 when ``integer`` (DDPM, DDIM, DPM-Solver); otherwise float64 with ``linspace`` left
+    unrounded, as diffusers' Euler schedulers use it. For ``trailing`` ldm always returns n steps,
+    where diffusers' float ``np.arange`` gives n + 1 (the last one -1) for 62 values of n in 1..1000.
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps}; it must lie in [1, num_train_timesteps={num_train_timesteps}]"
+        )
+    steps = torch.arange(num_inference_steps, dtype=torch.float64)
+    if spacing == "leading":
+        timesteps = (steps * (num_train_timesteps // num_inference_steps)).flip(0) + steps_offset
+    elif spacing == "trailing":
+        # numpy's arange arithmetic (start + k * ((start + step) - start)), so rounding ties fall alike.
+        delta = (num_train_timesteps - num_train_timesteps / num_inference_steps) - num_train_timesteps
+        timesteps = torch.round(num_train_timesteps + steps * delta) - 1
+    elif spacing == "linspace":
+        # numpy's linspace arithmetic (index * step, last point exact), so rounding ties fall alike.
+        step = (num_train_timesteps - 1) / max(num_inference_steps - 1, 1)
+        timesteps = steps * step
+        timesteps[-1] = num_train_timesteps - 1 if num_inference_steps > 1 else 0.0
+        timesteps = timesteps.flip(0)
+        if integer:
+            timesteps = torch.round(timesteps)
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    if timesteps.max() >= num_train_timesteps:
+        raise ValueError(
+            f"steps_offset={steps_offset} puts the first timestep at {int(timesteps.max())}, beyond the "
+            f"schedule's last ({num_train_timesteps - 1}); use fewer steps or steps_offset=0"
+        )
+    return timesteps.long() if integer else timesteps
+
+
+def make_karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
+    """Sigmas (num_steps,) from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def timesteps_for_sigmas(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
+    """Fractional timesteps at which the schedule's sigmas (T,) reach ``sigmas``, interpolating log sigma."""
+    log_train = train_sigmas.log()
+    log_sigmas = sigmas.clamp(min=1e-10).log()
+    low = (torch.searchsorted(log_train, log_sigmas, right=True) - 1).clamp(0, len(train_sigmas) - 2)
+    weight = ((log_train[low] - log_sigmas) / (log_train[low] - log_train[low + 1])).clamp(0, 1)
+    return low + weight
+
+
+def _interpolate(timesteps: Tensor, values: Tensor) -> Tensor:
+    """``values`` (T,) linearly interpolated at fractional ``timesteps`` in [0, T - 1] (like np.interp)."""
+    low = timesteps.floor().long().clamp(0, len(values) - 2)
+    weight = timesteps - low
+    return values[low] * (1 - weight) + values[low + 1] * weight
+
+
+def train_sigmas_of(alphas_cumprod: Tensor) -> Tensor:
+    """sqrt((1 - a) / a) (T,) in float64, with a zero-terminal-SNR a == 0 replaced as diffusers does."""
+    alphas_cumprod = alphas_cumprod.double().where(alphas_cumprod > 0, ZERO_SNR_ALPHA_CUMPROD)
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def euler_timesteps_and_sigmas(
+    alphas_cumprod: Tensor, num_inference_steps: int, spacing: str, use_karras_sigmas: bool = False, steps_offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Float timesteps (n,) and sigmas (n + 1,) ending at 0, as diffusers' EulerDiscreteScheduler sets them.
+
+    Sigmas are the schedule's sigmas interpolated at the (fractional) timesteps; with Karras sigmas,
+    n Karras sigmas between the first and last of those, each with its log-interpolated timestep.
+    """
+    train_sigmas = train_sigmas_of(alphas_cumprod)
+    timesteps = make_timesteps(num_inference_steps, len(train_sigmas), spacing, steps_offset, integer=False)
+    sigmas = _interpolate(timesteps, train_sigmas)
+    if use_karras_sigmas:
+        sigmas = make_karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
+        timesteps = timesteps_for_sigmas(sigmas, train_sigmas)
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def dpm_solver_timesteps_and_sigmas(
+    alphas_cumprod: Tensor, num_inference_steps: int, spacing: str, use_karras_sigmas: bool = False, steps_offset: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Integer timesteps (n,) and sigmas (n + 1,) ending at 0, as diffusers' DPMSolverMultistepScheduler sets them.
+
+    ``linspace`` and ``leading`` space n + 1 points and drop the last (t = 0, replaced by sigma 0);
+    ``trailing`` is as for the other samplers. Karras sigmas span the whole schedule, and their
+    timesteps are rounded to integers (diffusers leaves them fractional for its cosine schedule only).
+    """
+    train_sigmas = train_sigmas_of(alphas_cumprod)
+    num_train_timesteps = len(train_sigmas)
+    if use_karras_sigmas:
+        sigmas = make_karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num_inference_steps)
+        timesteps = timesteps_for_sigmas(sigmas, train_sigmas).round().long()
+    else:
+        if spacing == "trailing":
+            timesteps = make_timesteps(num_inference_steps, num_train_timesteps, spacing)
+        elif num_inference_steps >= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps}: DPM-Solver with {spacing!r} spacing takes at most "
+                f"{num_train_timesteps - 1} steps; use fewer steps or timestep_spacing='trailing'"
+            )
+        else:
+            timesteps = make_timesteps(num_inference_steps + 1, num_train_timesteps, spacing, steps_offset)[:-1]
+        sigmas = train_sigmas[timesteps]
+    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _schedule(alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """alphas_cumprod as float64 on the CPU, where per-step coefficients are computed as Python floats."""
+    check_prediction_type(prediction_type)
+    return alphas_cumprod.detach().to("cpu", torch.float64)
+
+
+def _check_first_step(alphas_cumprod: Tensor, first_timestep: int, prediction_type: str) -> None:
+    if prediction_type == "epsilon" and alphas_cumprod[first_timestep] == 0:
+        raise ValueError(
+            f"alphas_cumprod[{first_timestep}] is 0 (zero terminal SNR): an epsilon prediction cannot give x0 "
+            f"there; use a v_prediction model, or timestep_spacing='leading' which starts below the last step"
+        )
+
+
+def _timestep_batch(t: float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+
+
+def _fresh_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _initial_sigma(first_sigma: float, spacing: str) -> float:
+    # diffusers' init_noise_sigma: for "leading" the first sigma is below the schedule's largest, and
+    # sqrt(sigma^2 + 1) = 1 / sqrt(a) makes the start N(0, I) in x_t, as DDIM's; the others use sigma.
+    return first_sigma if spacing in ("linspace", "trailing") else math.sqrt(first_sigma**2 + 1)
+
+
+# ------------------------------------------------------------------------------------- samplers
+@torch.no_grad()
+def sample_ddpm(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 1000,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "leading",
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020), diffusers' DDPMScheduler.
+
+    With fewer steps than T the chain is respaced: its betas are 1 - a_t / a_prev between the chosen
+    timesteps. Variance "fixed_small" (the posterior's); no noise is added on the last step.
+    """
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps = make_timesteps(num_inference_steps, len(alphas_cumprod), timestep_spacing, steps_offset).tolist()
+    _check_first_step(alphas_cumprod, timesteps[0], prediction_type)
+    x = noise
+    for i, t in enumerate(timesteps):
+        a_t = alphas_cumprod[t].item()
+        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        x0, _ = x0_and_eps_from_prediction(prediction_type, denoise(x, _timestep_batch(t, x)), x, a_t)
+        alpha_step = a_t / a_prev
+        beta_step = 1 - alpha_step
+        # Mean of q(x_prev | x_t, x0), Ho et al. 2020 eq. 7, for the (respaced) step from t to prev.
+        x0_coefficient = math.sqrt(a_prev) * beta_step / (1 - a_t)
+        x_coefficient = math.sqrt(alpha_step) * (1 - a_prev) / (1 - a_t)
+        x = x0_coefficient * x0 + x_coefficient * x
+        if i + 1 < len(timesteps):
+            variance = (1 - a_prev) / (1 - a_t) * beta_step
+            x = x + math.sqrt(variance) * _fresh_noise(x, generator)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 50,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "leading",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021): deterministic for eta = 0, the DDPM posterior's noise level for eta = 1.
+
+    As diffusers' DDIMScheduler with ``set_alpha_to_one=True``: the last step goes to a = 1, so the
+    result is the last x0 estimate. Unlike diffusers, each step goes to the next timestep of the list;
+    diffusers steps to t - T // n, which is the same for "leading" and "trailing" but, for
+    "linspace", a noise level a step or so away from where the next model call is told it is.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta}; DDIM's eta must lie in [0, 1] (0: deterministic, 1: DDPM-like)")
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps = make_timesteps(num_inference_steps, len(alphas_cumprod), timestep_spacing, steps_offset).tolist()
+    _check_first_step(alphas_cumprod, timesteps[0], prediction_type)
+    x = noise
+    for i, t in enumerate(timesteps):
+        a_t = alphas_cumprod[t].item()
+        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        x0, eps = x0_and_eps_from_prediction(prediction_type, denoise(x, _timestep_batch(t, x)), x, a_t)
+        # sigma_t of DDIM eq. 16: eta times the std of the DDPM posterior q(x_prev | x_t, x0).
+        std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
+        if std > 0:
+            x = x + std * _fresh_noise(x, generator)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 50,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "linspace",
+    karras_sigmas: bool = False,
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Alg. 1
+    without churn), as diffusers' EulerDiscreteScheduler with its defaults (s_churn = 0, final sigma 0).
+
+    ``generator`` is unused (the sampler is deterministic); it is accepted so samplers are interchangeable.
+    """
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps, sigmas = euler_timesteps_and_sigmas(
+        alphas_cumprod, num_inference_steps, timestep_spacing, karras_sigmas, steps_offset
+    )
+    sigmas = sigmas.tolist()
+    x = noise * _initial_sigma(sigmas[0], timestep_spacing)
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        model_input = x / math.sqrt(sigma**2 + 1)
+        model_output = denoise(model_input, _timestep_batch(t, x))
+        x0, _ = x0_and_eps_from_prediction(prediction_type, model_output, model_input, 1 / (sigma**2 + 1))
+        derivative = (x - x0) / sigma
+        x = x + derivative * (sigma_next - sigma)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 50,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "linspace",
+    karras_sigmas: bool = False,
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, eta = 1), as diffusers'
+    EulerAncestralDiscreteScheduler: an Euler step down to sigma_down, then fresh noise of std
+    sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2.
+
+    Beyond diffusers, this also takes ``prediction_type="sample"`` and ``karras_sigmas=True``.
+    """
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps, sigmas = euler_timesteps_and_sigmas(
+        alphas_cumprod, num_inference_steps, timestep_spacing, karras_sigmas, steps_offset
+    )
+    sigmas = sigmas.tolist()
+    x = noise * _initial_sigma(sigmas[0], timestep_spacing)
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        model_input = x / math.sqrt(sigma**2 + 1)
+        model_output = denoise(model_input, _timestep_batch(t, x))
+        x0, _ = x0_and_eps_from_prediction(prediction_type, model_output, model_input, 1 / (sigma**2 + 1))
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        derivative = (x - x0) / sigma
+        x = x + derivative * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + sigma_up * _fresh_noise(x, generator)
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 20,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "linspace",
+    karras_sigmas: bool = False,
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with
+    ``algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"`` and its defaults
+    (``lower_order_final=True``, ``final_sigmas_type="zero"``).
+
+    Works on x_t (VP) with alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha and
+    lambda = log(alpha / sigma_t) = -log(sigma). The first step is first order (no earlier x0 yet);
+    the last step, to sigma 0, lands on the x0 estimate. ``generator`` is unused (deterministic).
+    """
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps, sigmas = dpm_solver_timesteps_and_sigmas(
+        alphas_cumprod, num_inference_steps, timestep_spacing, karras_sigmas, steps_offset
+    )
+    sigmas = sigmas.tolist()
+    x = noise
+    previous_x0, previous_h = None, None
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        model_output = denoise(x, _timestep_batch(t, x))
+        x0, _ = x0_and_eps_from_prediction(prediction_type, model_output, x, 1 / (sigma**2 + 1))
+        if sigma_next == 0:
+            x = x0  # the first-order step to sigma 0, exactly
+        else:
+            h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda
+            alpha_next = 1 / math.sqrt(sigma_next**2 + 1)
+            sigma_t_ratio = (sigma_next * alpha_next) / (sigma / math.sqrt(sigma**2 + 1))
+            if previous_x0 is None:
+                x0_estimate = x0
+            else:  # midpoint rule with the slope of x0 over lambda from the last two steps
+                r = previous_h / h
+                x0_estimate = x0 + (x0 - previous_x0) / (2 * r)
+            x = sigma_t_ratio * x - alpha_next * math.expm1(-h) * x0_estimate
+            previous_h = h
+        previous_x0 = x0
+        if callback is not None:
+            callback(i, x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def sample(
+    sampler: str,
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int,
+    prediction_type: str = "epsilon",
+    **kwargs,
+) -> Tensor:
+    """Run the sampler named ``sampler`` (a key of SAMPLERS); ``kwargs`` go to it. Returns x0 (B, C, H, W)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}; choose one of {sorted(SAMPLERS)}")
+    function = SAMPLERS[sampler]
+    accepted = inspect.signature(function).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        options = [name for name in accepted if name not in ("denoise", "noise", "alphas_cumprod")]
+        raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {options}")
+    return function(
+        denoise, noise, alphas_cumprod, num_inference_steps=num_inference_steps, prediction_type=prediction_type, **kwargs
+    )
