@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ldm.checkpoints import load_training_checkpoint
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -33,6 +33,22 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
     return collected
 
 
+def sampler_options_from(args: argparse.Namespace) -> dict:
+    """The sampler keyword arguments given on the command line, refused where the sampler has no such option."""
+    options = {}
+    if args.timestep_spacing is not None:
+        options["timestep_spacing"] = args.timestep_spacing
+    if args.eta is not None:
+        if args.sampler != "ddim":
+            raise SystemExit(f"--eta applies to --sampler ddim, not {args.sampler}")
+        options["eta"] = args.eta
+    if args.karras_sigmas:
+        if args.sampler in ("ddpm", "ddim"):
+            raise SystemExit(f"--karras-sigmas applies to euler, euler_ancestral and dpmpp_2m, not {args.sampler}")
+        options["karras_sigmas"] = True
+    return options
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
@@ -41,6 +57,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="default: the sampler's own (leading for DDPM/DDIM, linspace for the others)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM only: 0 deterministic, 1 as DDPM")
+    parser.add_argument("--karras-sigmas", action="store_true", help="Euler, Euler-a and DPM-Solver++ only")
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--negative-prompt", default="")
@@ -52,6 +72,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out-dir", default="samples")
     args = parser.parse_args(argv)
 
+    sampler_options = sampler_options_from(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
     module = load_training_checkpoint(args.ckpt, map_location=args.device)
     resolution = int(module.model_config.get("vae", {}).get("resolution", 256))
@@ -59,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         prompts, height=args.height or resolution, width=args.width or resolution,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
         seed=args.seed, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+        **sampler_options,
     )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: finding the trained demo model, real images, and the machine's description."""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from ldm.data.shards import image_text_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINTS = str(ROOT / "outputs/train/demo/*/checkpoints/last.ckpt")
+
+
+def newest_checkpoint(pattern: str = DEMO_CHECKPOINTS) -> Path:
+    """The most recently written checkpoint matching a glob pattern."""
+    matches = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not matches:
+        raise SystemExit(f"no checkpoint matches {pattern}; train one first (make demo) or pass --ckpt")
+    return Path(matches[-1])
+
+
+def default_val_shards(resolution: int) -> str | None:
+    """The built-in data set's validation shards at ``resolution``, or None where it was not generated."""
+    matches = sorted(glob.glob(str(ROOT / f"data/synthetic-{resolution}px-*/val-*.tar")))
+    return matches[0] if matches else None
+
+
+def real_images(shards: str, resolution: int, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``limit`` real images (N, 3, resolution, resolution) in [0, 1] and their captions."""
+    images, captions = [], []
+    for sample in image_text_dataset(shards, resolution=resolution, train=False):
+        images.append((sample["image"] + 1) / 2)
+        captions.append(sample["caption"])
+        if len(images) >= limit:
+            break
+    if not images:
+        raise SystemExit(f"no readable images in {shards}")
+    return torch.stack(images), captions
+
+
+def machine_info() -> dict:
+    """The machine a benchmark ran on, for its JSON result."""
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
