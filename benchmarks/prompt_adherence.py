@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, default_val_shards, machine_info, newest_checkpoint, real_images  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEMO_GUIDANCE_SCALE, ROOT, default_val_shards, machine_info, newest_checkpoint, real_images)
 from ldm.checkpoints import load_training_checkpoint  # noqa: E402
 from ldm.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, parse_caption  # noqa: E402
 from ldm.evaluation.prompt_adherence import FACTS, adherence, all_demo_captions, hit_rate  # noqa: E402
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None, help="Lightning checkpoint (default: newest demo run's last.ckpt)")
     parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--seed", type=int, default=100_000, help="first seed; held out from the training grid's seeds")
     parser.add_argument("--batch-size", type=int, default=216)

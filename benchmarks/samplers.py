@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, default_val_shards, machine_info, newest_checkpoint, real_images  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEMO_GUIDANCE_SCALE, ROOT, default_val_shards, machine_info, newest_checkpoint, real_images)
 from ldm.checkpoints import load_training_checkpoint  # noqa: E402
 from ldm.evaluation.metrics import PooledPixelFeatures, frechet_distance  # noqa: E402
 from ldm.evaluation.prompt_adherence import adherence_rates, all_demo_captions  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="SAMPLER:STEPS,... (samplers or "
                         f"{sorted(RUN_OPTIONS)})")
     parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=216)
     parser.add_argument("--val-shards", default=None, help="real images (default: the built-in val set)")
