@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import platform
@@ -17,6 +18,19 @@ DEMO_CHECKPOINTS = str(ROOT / "outputs/train/demo/*/checkpoints/last.ckpt")
 # checkpoints: shape adherence falls as guidance rises past 2 (2: 97%, 3: 92%, 5: 83%, 7.5: 79%), the
 # shapes turning pinched and star-like, while colour stays at 100%.
 DEMO_GUIDANCE_SCALE = 2.0
+
+
+def demo_sampling_parser(description: str, images_per_prompt: int, seed: int, output_name: str) -> argparse.ArgumentParser:
+    """The options every benchmark that samples the demo model takes; scripts add their own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help="Lightning checkpoint (default: newest demo run's last.ckpt)")
+    parser.add_argument("--images-per-prompt", type=int, default=images_per_prompt)
+    parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
+    parser.add_argument("--seed", type=int, default=seed, help="first seed; held out from the training grid's seeds")
+    parser.add_argument("--batch-size", type=int, default=216)
+    parser.add_argument("--val-shards", default=None, help="real images (default: the built-in val set)")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results" / output_name))
+    return parser
 
 
 def newest_checkpoint(pattern: str = DEMO_CHECKPOINTS) -> Path:

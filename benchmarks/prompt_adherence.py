@@ -13,7 +13,6 @@ Prints a table and writes benchmarks/results/prompt_adherence.json (+ a sample g
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEMO_GUIDANCE_SCALE, ROOT, default_val_shards, machine_info, newest_checkpoint, real_images)
+    default_val_shards, demo_sampling_parser, machine_info, newest_checkpoint, real_images)
 from ldm.checkpoints import load_training_checkpoint  # noqa: E402
 from ldm.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, parse_caption  # noqa: E402
 from ldm.evaluation.prompt_adherence import FACTS, adherence, all_demo_captions, hit_rate  # noqa: E402
@@ -30,16 +29,9 @@ from ldm.visualization import captioned_grid, to_pil_images  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="Lightning checkpoint (default: newest demo run's last.ckpt)")
-    parser.add_argument("--images-per-prompt", type=int, default=8)
+    parser = demo_sampling_parser(__doc__, images_per_prompt=8, seed=100_000, output_name="prompt_adherence.json")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
     parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--seed", type=int, default=100_000, help="first seed; held out from the training grid's seeds")
-    parser.add_argument("--batch-size", type=int, default=216)
-    parser.add_argument("--val-shards", default=None, help="real images to check the classifier on (default: the built-in val set)")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/prompt_adherence.json"))
     args = parser.parse_args()
 
     ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint()

@@ -13,7 +13,6 @@ Writes benchmarks/results/samplers.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DEMO_GUIDANCE_SCALE, ROOT, default_val_shards, machine_info, newest_checkpoint, real_images)
+    default_val_shards, demo_sampling_parser, machine_info, newest_checkpoint, real_images)
 from ldm.checkpoints import load_training_checkpoint  # noqa: E402
 from ldm.evaluation.metrics import PooledPixelFeatures, frechet_distance  # noqa: E402
 from ldm.evaluation.prompt_adherence import adherence_rates, all_demo_captions  # noqa: E402
@@ -46,16 +45,9 @@ def parse_runs(specs: list[str]) -> list[tuple[str, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="Lightning checkpoint (default: newest demo run's last.ckpt)")
+    parser = demo_sampling_parser(__doc__, images_per_prompt=4, seed=200_000, output_name="samplers.json")
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="SAMPLER:STEPS,... (samplers or "
                         f"{sorted(RUN_OPTIONS)})")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
-    parser.add_argument("--seed", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=216)
-    parser.add_argument("--val-shards", default=None, help="real images (default: the built-in val set)")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/samplers.json"))
     args = parser.parse_args()
 
     ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint()
