@@ -1,20 +1,18 @@
-"""The SD 1.x / 2.x presets, built on the meta device, have the published sizes and the original checkpoint keys.
+"""The SD 1.x / 2.x presets (configs/model/unet/sd1.yaml, sd2.yaml, configs/model/vae/sd.yaml), built on the meta device, have the published sizes and the original checkpoint keys.
 
 Published parameter counts: SD 1.5 U-Net 859,520,964 (diffusers' ``num_parameters`` docstring for
 runwayml/stable-diffusion-v1-5), SD 2.x U-Net 865,910,724, SD VAE 83,653,863; both U-Nets have 686
 tensors and the VAE 248, as under ``model.diffusion_model.`` / ``first_stage_model.`` in the checkpoints.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.unet import UNetModel
-
-SD1_UNET = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(4, 2, 1), num_res_blocks=2,
-                num_heads=8, context_dim=768)
-SD2_UNET = dict(SD1_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
-SD_VAE = dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 UNET_KEYS_BOTH = {
     "time_embed.0.weight": (1280, 320),
@@ -92,18 +90,22 @@ VAE_ABSENT = ["encoder.down.3.downsample.conv.weight", "decoder.up.0.upsample.co
               "encoder.down.0.block.0.nin_shortcut.weight"]
 
 
+def build_on_meta(preset: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return instantiate(OmegaConf.load(CONFIGS / f"{preset}.yaml"))
+
+
 def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
 
 
 @pytest.mark.parametrize(
-    "config, count, version_keys",
-    [(SD1_UNET, 859_520_964, UNET_KEYS_SD1), (SD2_UNET, 865_910_724, UNET_KEYS_SD2)],
+    "preset, count, version_keys",
+    [("unet/sd1", 859_520_964, UNET_KEYS_SD1), ("unet/sd2", 865_910_724, UNET_KEYS_SD2)],
     ids=["sd1", "sd2"],
 )
-def test_sd_unet_presets_have_published_size_and_original_keys(config, count, version_keys):
-    with torch.device("meta"):
-        unet = UNetModel(**config)
+def test_sd_unet_presets_have_published_size_and_original_keys(preset, count, version_keys):
+    unet = build_on_meta(preset)
     assert sum(p.numel() for p in unet.parameters()) == count
     state = shapes(unet)
     assert len(state) == 686
@@ -113,8 +115,7 @@ def test_sd_unet_presets_have_published_size_and_original_keys(config, count, ve
 
 
 def test_sd_vae_preset_has_published_size_and_original_keys():
-    with torch.device("meta"):
-        vae = AutoencoderKL(**SD_VAE)
+    vae = build_on_meta("vae/sd")
     assert vae.downsample_factor == 8
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     state = shapes(vae)
