@@ -1,7 +1,8 @@
-"""Safe loading and saving of weights: safetensors files and weights-only torch checkpoints.
+"""Safe loading and saving of weights, and conversion from the diffusers key layout.
 
 Nothing here ever unpickles arbitrary objects: ``.safetensors`` files hold tensors only, and
-``.ckpt``/``.pt`` files go through ``torch.load(weights_only=True)``.
+``.ckpt``/``.pt`` files go through ``torch.load(weights_only=True)``. ldm's U-Net and VAE keep the
+original Stable Diffusion key names, so only diffusers' layout needs a conversion.
 """
 
 from __future__ import annotations
@@ -120,3 +121,106 @@ def load_training_checkpoint(path: str | Path, map_location: str | torch.device 
     check_state_dict(module, checkpoint["state_dict"], source=str(path))
     module.load_state_dict(checkpoint["state_dict"])
     return module.to(map_location).eval()
+
+
+# ------------------------------------------------------------------ diffusers -> original layout
+DIFFUSERS_UNET_RESNET_NAMES = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+DIFFUSERS_UNET_FIXED_NAMES = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+DIFFUSERS_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _convert_keys(state_dict: dict[str, Tensor], convert_one, source: str) -> dict[str, Tensor]:
+    """Apply ``convert_one(key, tensor) -> (key, tensor)`` to every entry; name all keys it cannot place."""
+    converted, unplaced = {}, []
+    for key, tensor in state_dict.items():
+        try:
+            new_key, new_tensor = convert_one(key, tensor)
+        except (KeyError, IndexError, ValueError):
+            unplaced.append(key)
+            continue
+        converted[new_key] = new_tensor
+    if unplaced:
+        raise CheckpointMismatchError(f"{len(unplaced)} key(s) are not part of the {source} layout: "
+                                      + ", ".join(sorted(unplaced)[:20]))
+    return converted
+
+
+def diffusers_unet_to_ldm(state_dict: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    """A diffusers UNet2DConditionModel state dict -> the original SD (``model.diffusion_model.``) layout.
+
+    Raises ``CheckpointMismatchError`` naming every key that is not part of diffusers' U-Net layout.
+    """
+    per_level = layers_per_block + 1  # input blocks per level (ResBlocks + downsampler), output blocks per level
+    up_levels_with_attention = {key.split(".")[1] for key in state_dict if key.startswith("up_blocks.")
+                                and ".attentions." in key}
+
+    def convert_one(key: str, tensor: Tensor) -> tuple[str, Tensor]:
+        head, _, leaf = key.rpartition(".")
+        if head in DIFFUSERS_UNET_FIXED_NAMES:
+            return f"{DIFFUSERS_UNET_FIXED_NAMES[head]}.{leaf}", tensor
+        parts = key.split(".")
+        if parts[0] == "mid_block":
+            kind, index, rest = parts[1], int(parts[2]), parts[3:]
+            prefix = f"middle_block.{1 if kind == 'attentions' else 2 * index}"
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if kind not in ("resnets", "attentions", "downsamplers", "upsamplers"):
+                raise KeyError(key)
+            sub = 0 if kind == "resnets" else 1
+            if parts[0] == "down_blocks":
+                prefix = f"input_blocks.{1 + level * per_level + index}.{sub}"
+                if kind == "downsamplers":
+                    prefix, rest = f"input_blocks.{(level + 1) * per_level}.0.op", rest[1:]
+            else:
+                prefix = f"output_blocks.{level * per_level + index}.{sub}"
+                if kind == "upsamplers":
+                    position = 2 if parts[1] in up_levels_with_attention else 1
+                    prefix = f"output_blocks.{level * per_level + layers_per_block}.{position}"
+        else:
+            raise KeyError(key)
+        if kind == "resnets":
+            rest = [DIFFUSERS_UNET_RESNET_NAMES[rest[0]], *rest[1:]]
+        return ".".join([prefix, *rest]), tensor
+
+    return _convert_keys(state_dict, convert_one, "diffusers UNet2DConditionModel")
+
+
+def diffusers_vae_to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
+    """A diffusers AutoencoderKL state dict -> the original SD (``first_stage_model.``) layout.
+
+    Raises ``CheckpointMismatchError`` naming every key that is not part of diffusers' VAE layout.
+    """
+
+    def convert_one(key: str, tensor: Tensor) -> tuple[str, Tensor]:
+        parts = key.split(".")
+        if parts[0] in ("quant_conv", "post_quant_conv"):
+            return key, tensor
+        coder, rest = parts[0], parts[1:]
+        if coder not in ("encoder", "decoder"):
+            raise KeyError(key)
+        if rest[0] in ("down_blocks", "up_blocks"):
+            level = int(rest[1]) if rest[0] == "down_blocks" else num_levels - 1 - int(rest[1])
+            stage = f"{'down' if rest[0] == 'down_blocks' else 'up'}.{level}"
+            if rest[2] == "resnets":
+                rest = [stage, "block", rest[3], *rest[4:]]
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                rest = [stage, "downsample" if rest[0] == "down_blocks" else "upsample", *rest[4:]]
+        elif rest[0] == "mid_block" and rest[1] == "resnets":
+            rest = ["mid", f"block_{int(rest[2]) + 1}", *rest[3:]]
+        elif rest[0] == "mid_block":  # attentions.0.<layer>: linear layers become 1x1 convolutions
+            layer = ".".join(rest[3:-1])
+            rest = ["mid", "attn_1", DIFFUSERS_VAE_ATTENTION_NAMES[layer], rest[-1]]
+            if tensor.ndim == 2 and layer != "group_norm":
+                tensor = tensor[:, :, None, None]
+        elif rest[0] == "conv_norm_out":
+            rest = ["norm_out", *rest[1:]]
+        rest = [{"conv_shortcut": "nin_shortcut"}.get(part, part) for part in rest]
+        return ".".join([coder, *rest]), tensor
+
+    return _convert_keys(state_dict, convert_one, "diffusers AutoencoderKL")

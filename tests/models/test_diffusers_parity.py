@@ -1,88 +1,19 @@
 """ldm's U-Net and VAE compute what diffusers' UNet2DConditionModel and AutoencoderKL compute, and their
 state-dict layout is the original checkpoint's, as diffusers' own single-file converter reads it.
 
-``diffusers_unet_to_ldm`` / ``diffusers_vae_to_ldm`` map diffusers weights into ldm's (= the original)
-key layout; they are meant to move into ldm/checkpoints.py.
+Diffusers weights come into ldm's (= the original) key layout through ``ldm.checkpoints``'
+``diffusers_unet_to_ldm`` / ``diffusers_vae_to_ldm``.
 """
 
 import pytest
 import torch
 
+from ldm.checkpoints import diffusers_unet_to_ldm, diffusers_vae_to_ldm
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
-
-UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-UNET_FIXED_NAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def diffusers_unet_to_ldm(state_dict: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    """A diffusers UNet2DConditionModel state dict -> the original SD (``model.diffusion_model.``) layout."""
-    per_level = layers_per_block + 1  # input blocks per level (ResBlocks + downsampler), output blocks per level
-    up_levels_with_attention = {key.split(".")[1] for key in state_dict if key.startswith("up_blocks.")
-                                and ".attentions." in key}
-    converted = {}
-    for key, tensor in state_dict.items():
-        head, _, leaf = key.rpartition(".")
-        if head in UNET_FIXED_NAMES:
-            converted[f"{UNET_FIXED_NAMES[head]}.{leaf}"] = tensor
-            continue
-        parts = key.split(".")
-        if parts[0] == "mid_block":
-            kind, index, rest = parts[1], int(parts[2]), parts[3:]
-            prefix = f"middle_block.{1 if kind == 'attentions' else 2 * index}"
-        else:
-            level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-            sub = 0 if kind == "resnets" else 1
-            if parts[0] == "down_blocks":
-                prefix = f"input_blocks.{1 + level * per_level + index}.{sub}"
-                if kind == "downsamplers":
-                    prefix, rest = f"input_blocks.{(level + 1) * per_level}.0.op", rest[1:]
-            else:
-                prefix = f"output_blocks.{level * per_level + index}.{sub}"
-                if kind == "upsamplers":
-                    position = 2 if parts[1] in up_levels_with_attention else 1
-                    prefix = f"output_blocks.{level * per_level + layers_per_block}.{position}"
-        if kind == "resnets":
-            rest = [UNET_RESNET_NAMES[rest[0]], *rest[1:]]
-        converted[".".join([prefix, *rest])] = tensor
-    return converted
-
-
-def diffusers_vae_to_ldm(state_dict: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """A diffusers AutoencoderKL state dict -> the original SD (``first_stage_model.``) layout."""
-    converted = {}
-    for key, tensor in state_dict.items():
-        parts = key.split(".")
-        if parts[0] in ("quant_conv", "post_quant_conv"):
-            converted[key] = tensor
-            continue
-        coder, rest = parts[0], parts[1:]
-        if rest[0] in ("down_blocks", "up_blocks"):
-            level = int(rest[1]) if rest[0] == "down_blocks" else num_levels - 1 - int(rest[1])
-            stage = f"{'down' if rest[0] == 'down_blocks' else 'up'}.{level}"
-            if rest[2] == "resnets":
-                rest = [stage, "block", rest[3], *rest[4:]]
-            else:  # downsamplers.0.conv / upsamplers.0.conv
-                rest = [stage, "downsample" if rest[0] == "down_blocks" else "upsample", *rest[4:]]
-        elif rest[0] == "mid_block" and rest[1] == "resnets":
-            rest = ["mid", f"block_{int(rest[2]) + 1}", *rest[3:]]
-        elif rest[0] == "mid_block":  # attentions.0.<layer>: linear layers become 1x1 convolutions
-            layer = ".".join(rest[3:-1])
-            rest = ["mid", "attn_1", VAE_ATTENTION_NAMES[layer], rest[-1]]
-            if tensor.ndim == 2 and layer != "group_norm":
-                tensor = tensor[:, :, None, None]
-        elif rest[0] == "conv_norm_out":
-            rest = ["norm_out", *rest[1:]]
-        rest = [{"conv_shortcut": "nin_shortcut"}.get(part, part) for part in rest]
-        converted[".".join([coder, *rest])] = tensor
-    return converted
-
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
     """Perturb every parameter so zero-initialised layers do not hide a wrong mapping."""

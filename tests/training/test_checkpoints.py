@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.checkpoints import CheckpointMismatchError, load_weights, read_metadata, read_state_dict, save_weights
+from ldm.checkpoints import (
+    CheckpointMismatchError, diffusers_unet_to_ldm, diffusers_vae_to_ldm, load_weights, read_metadata, read_state_dict,
+    save_weights)
 
 
 class Payload:
@@ -57,3 +59,16 @@ def test_truncated_or_missing_files_give_clear_errors(tmp_path):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match="no weights file"):
         read_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_diffusers_conversion_names_every_key_outside_the_layout():
+    weight = torch.zeros(4, 4)
+    unet = {"conv_in.weight": weight, "add_embedding.linear_1.weight": weight, "down_blocks.0.bogus.0.weight": weight}
+    with pytest.raises(CheckpointMismatchError, match="2 key") as error:
+        diffusers_unet_to_ldm(unet, layers_per_block=2)
+    assert "add_embedding.linear_1.weight" in str(error.value) and "down_blocks.0.bogus.0.weight" in str(error.value)
+    assert "conv_in.weight" not in str(error.value)
+    vae = {"encoder.conv_in.weight": weight, "text_model.embeddings.weight": weight}
+    with pytest.raises(CheckpointMismatchError, match="text_model.embeddings.weight"):
+        diffusers_vae_to_ldm(vae, num_levels=4)
+    assert diffusers_vae_to_ldm({"encoder.conv_in.weight": weight}, num_levels=4) == {"encoder.conv_in.weight": weight}
