@@ -191,6 +191,19 @@ def diffusers_unet_to_ldm(state_dict: dict[str, Tensor], layers_per_block: int) 
     return _convert_keys(state_dict, convert_one, "diffusers UNet2DConditionModel")
 
 
+def _vae_coder_and_rest(key: str) -> tuple[str, list[str]]:
+    """``"encoder.a.b"`` -> ``("encoder", ["a", "b"])``; the VAE's other keys (quant convs) never get here."""
+    coder, *rest = key.split(".")
+    if coder not in ("encoder", "decoder") or not rest:
+        raise KeyError(key)
+    return coder, rest
+
+
+def _flip_vae_level(kind: str, level: int, num_levels: int) -> int:
+    """Decoder levels count from the top in the original layout and from the bottom in diffusers'."""
+    return level if kind.startswith("down") else num_levels - 1 - level
+
+
 def diffusers_vae_to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
     """A diffusers AutoencoderKL state dict -> the original SD (``first_stage_model.``) layout.
 
@@ -198,14 +211,11 @@ def diffusers_vae_to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict
     """
 
     def convert_one(key: str, tensor: Tensor) -> tuple[str, Tensor]:
-        parts = key.split(".")
-        if parts[0] in ("quant_conv", "post_quant_conv"):
+        if key.split(".")[0] in ("quant_conv", "post_quant_conv"):  # the same in both layouts
             return key, tensor
-        coder, rest = parts[0], parts[1:]
-        if coder not in ("encoder", "decoder"):
-            raise KeyError(key)
+        coder, rest = _vae_coder_and_rest(key)
         if rest[0] in ("down_blocks", "up_blocks"):
-            level = int(rest[1]) if rest[0] == "down_blocks" else num_levels - 1 - int(rest[1])
+            level = _flip_vae_level(rest[0], int(rest[1]), num_levels)
             stage = f"{'down' if rest[0] == 'down_blocks' else 'up'}.{level}"
             if rest[2] == "resnets":
                 rest = [stage, "block", rest[3], *rest[4:]]
@@ -224,3 +234,124 @@ def diffusers_vae_to_ldm(state_dict: dict[str, Tensor], num_levels: int) -> dict
         return ".".join([coder, *rest]), tensor
 
     return _convert_keys(state_dict, convert_one, "diffusers AutoencoderKL")
+
+
+# ------------------------------------------------------------------ original layout -> diffusers
+def _inverse(names: dict[str, str]) -> dict[str, str]:
+    return {value: key for key, value in names.items()}
+
+
+def ldm_unet_to_diffusers(state_dict: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    """ldm's (= the original SD) U-Net state dict -> diffusers' UNet2DConditionModel layout.
+
+    The inverse of ``diffusers_unet_to_ldm``; raises ``CheckpointMismatchError`` naming unplaceable keys.
+    """
+    per_level = layers_per_block + 1
+    fixed = _inverse(DIFFUSERS_UNET_FIXED_NAMES)
+    resnet_names = _inverse(DIFFUSERS_UNET_RESNET_NAMES)
+
+    def resnet(prefix: str, rest: list[str]) -> str:
+        # ResBlock sub-layers have two-part names ("in_layers.0") except the skip connection
+        name, tail = (rest[0], rest[1:]) if rest[0] == "skip_connection" else (".".join(rest[:2]), rest[2:])
+        return ".".join([prefix, resnet_names[name], *tail])
+
+    def convert_one(key: str, tensor: Tensor) -> tuple[str, Tensor]:
+        head, _, leaf = key.rpartition(".")
+        if head in fixed:
+            return f"{fixed[head]}.{leaf}", tensor
+        parts = key.split(".")
+        block, number = parts[0], int(parts[1])
+        if block == "middle_block":
+            if number == 1:
+                return ".".join(["mid_block.attentions.0", *parts[2:]]), tensor
+            return resnet(f"mid_block.resnets.{number // 2}", parts[2:]), tensor
+        sub, rest = int(parts[2]), parts[3:]
+        if block == "input_blocks":
+            level, index = divmod(number - 1, per_level)
+            if index == layers_per_block:  # the downsampler that ends a level
+                if parts[2:4] != ["0", "op"]:
+                    raise KeyError(key)
+                return f"down_blocks.{level}.downsamplers.0.conv.{parts[-1]}", tensor
+            if sub == 0:
+                return resnet(f"down_blocks.{level}.resnets.{index}", rest), tensor
+            return ".".join([f"down_blocks.{level}.attentions.{index}", *rest]), tensor
+        if block == "output_blocks":
+            level, index = divmod(number, per_level)
+            if sub == 0:
+                return resnet(f"up_blocks.{level}.resnets.{index}", rest), tensor
+            if rest[0] == "conv":  # the upsampler, after the attention block where the level has one
+                return f"up_blocks.{level}.upsamplers.0.conv.{rest[-1]}", tensor
+            return ".".join([f"up_blocks.{level}.attentions.{index}", *rest]), tensor
+        raise KeyError(key)
+
+    return _convert_keys(state_dict, convert_one, "original SD U-Net")
+
+
+def ldm_vae_to_diffusers(state_dict: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
+    """ldm's (= the original SD) VAE state dict -> diffusers' AutoencoderKL layout.
+
+    The inverse of ``diffusers_vae_to_ldm``; raises ``CheckpointMismatchError`` naming unplaceable keys.
+    """
+    attention_names = _inverse(DIFFUSERS_VAE_ATTENTION_NAMES)
+
+    def convert_one(key: str, tensor: Tensor) -> tuple[str, Tensor]:
+        if key.split(".")[0] in ("quant_conv", "post_quant_conv"):  # the same in both layouts
+            return key, tensor
+        coder, rest = _vae_coder_and_rest(key)
+        if rest[0] in ("down", "up"):
+            level = _flip_vae_level(rest[0], int(rest[1]), num_levels)
+            stage = f"{rest[0]}_blocks.{level}"
+            if rest[2] == "block":
+                rest = [stage, "resnets", rest[3], *rest[4:]]
+            elif rest[2] in ("downsample", "upsample"):
+                rest = [stage, f"{rest[2]}rs", "0", *rest[3:]]
+            else:
+                raise KeyError(key)
+        elif rest[0] == "mid" and rest[1].startswith("block_"):
+            rest = ["mid_block", "resnets", str(int(rest[1].removeprefix("block_")) - 1), *rest[2:]]
+        elif rest[0] == "mid" and rest[1] == "attn_1":  # 1x1 convolutions become linear layers
+            layer = attention_names[rest[2]]
+            rest = ["mid_block", "attentions", "0", layer, *rest[3:]]
+            if tensor.ndim == 4:
+                tensor = tensor[:, :, 0, 0]
+        elif rest[0] == "norm_out":
+            rest = ["conv_norm_out", *rest[1:]]
+        rest = [{"nin_shortcut": "conv_shortcut"}.get(part, part) for part in rest]
+        return ".".join([coder, *rest]), tensor
+
+    return _convert_keys(state_dict, convert_one, "original SD VAE")
+
+
+# ------------------------------------------------------------------ original SD single-file checkpoints
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+ORIGINAL_VAE_PREFIX = "first_stage_model."
+ORIGINAL_EMA_PREFIX = "model_ema."
+
+
+def original_ema_key(unet_key: str) -> str:
+    """Where an original SD checkpoint keeps the EMA copy of a U-Net weight: the EMA stores each
+    ``model.<name>`` as a buffer named ``model_ema.<name without dots>``."""
+    return ORIGINAL_EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_original_checkpoint(state_dict: dict[str, Tensor], use_ema: bool = False) -> dict[str, dict[str, Tensor]]:
+    """An original SD checkpoint's tensors -> ``{"unet": ..., "vae": ...}`` in ldm's key names.
+
+    With ``use_ema`` the U-Net takes the checkpoint's EMA weights; a checkpoint without them (or
+    with only some) raises ``CheckpointMismatchError`` naming what is missing.
+    """
+    unet = {key.removeprefix(ORIGINAL_UNET_PREFIX): tensor for key, tensor in state_dict.items()
+            if key.startswith(ORIGINAL_UNET_PREFIX)}
+    vae = {key.removeprefix(ORIGINAL_VAE_PREFIX): tensor for key, tensor in state_dict.items()
+           if key.startswith(ORIGINAL_VAE_PREFIX)}
+    if not unet or not vae:
+        raise CheckpointMismatchError(
+            f"not an original SD checkpoint: no keys under {ORIGINAL_UNET_PREFIX!r}" if not unet
+            else f"not a full original SD checkpoint: no VAE keys under {ORIGINAL_VAE_PREFIX!r}")
+    if use_ema:
+        missing = sorted(original_ema_key(key) for key in unet if original_ema_key(key) not in state_dict)
+        if missing:
+            raise CheckpointMismatchError(f"use_ema: the checkpoint lacks {len(missing)} EMA weight(s), e.g. "
+                                          + ", ".join(missing[:5]))
+        unet = {key: state_dict[original_ema_key(key)] for key in unet}
+    return {"unet": unet, "vae": vae}

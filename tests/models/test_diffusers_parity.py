@@ -2,18 +2,25 @@
 state-dict layout is the original checkpoint's, as diffusers' own single-file converter reads it.
 
 Diffusers weights come into ldm's (= the original) key layout through ``ldm.checkpoints``'
-``diffusers_unet_to_ldm`` / ``diffusers_vae_to_ldm``.
+``diffusers_unet_to_ldm`` / ``diffusers_vae_to_ldm`` and go back through ``ldm_unet_to_diffusers`` /
+``ldm_vae_to_diffusers``.
 """
 
 import pytest
 import torch
 
-from ldm.checkpoints import diffusers_unet_to_ldm, diffusers_vae_to_ldm
+from ldm.checkpoints import diffusers_unet_to_ldm, diffusers_vae_to_ldm, ldm_unet_to_diffusers, ldm_vae_to_diffusers
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(actual[key], tensor), key
+
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
     """Perturb every parameter so zero-initialised layers do not hide a wrong mapping."""
@@ -62,6 +69,7 @@ def test_unet_matches_diffusers_after_mapping_its_weights(case):
         out = unet(x, t, context)
     assert expected.abs().mean() > 0.1
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert_same_state(ldm_unet_to_diffusers(unet.state_dict(), layers_per_block=1), reference.state_dict())
 
 
 def test_vae_matches_diffusers_after_mapping_its_weights():
@@ -84,6 +92,7 @@ def test_vae_matches_diffusers_after_mapping_its_weights():
     torch.testing.assert_close(posterior.mean, expected_posterior.mean, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(posterior.logvar, expected_posterior.logvar, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(images_out, expected_images, atol=1e-4, rtol=1e-4)
+    assert_same_state(ldm_vae_to_diffusers(vae.state_dict(), num_levels=3), reference.state_dict())
 
 
 SD_UNETS = {
@@ -109,6 +118,8 @@ def test_sd_unet_state_dict_is_what_diffusers_converter_reads_as_an_original_che
     # and the test's own mapping is that converter's inverse
     assert meta_shapes(diffusers_unet_to_ldm(reference.state_dict(), layers_per_block=2)) == meta_shapes(
         unet.state_dict())
+    assert meta_shapes(ldm_unet_to_diffusers(unet.state_dict(), layers_per_block=2)) == meta_shapes(
+        reference.state_dict())
 
 
 def test_sd_vae_state_dict_is_what_diffusers_converter_reads_as_an_original_checkpoint():
@@ -122,3 +133,4 @@ def test_sd_vae_state_dict_is_what_diffusers_converter_reads_as_an_original_chec
     converted = single_file_utils.convert_ldm_vae_checkpoint(checkpoint, dict(reference.config))
     assert meta_shapes(converted) == meta_shapes(reference.state_dict())
     assert meta_shapes(diffusers_vae_to_ldm(reference.state_dict(), num_levels=4)) == meta_shapes(vae.state_dict())
+    assert meta_shapes(ldm_vae_to_diffusers(vae.state_dict(), num_levels=4)) == meta_shapes(reference.state_dict())
