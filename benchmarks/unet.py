@@ -96,11 +96,11 @@ def step_memory_mib(model: torch.nn.Module, is_ldm: bool, x: torch.Tensor, t: to
     excluded), which is what dominates a step's memory.
     """
     if device == "cuda":
-        torch.cuda.synchronize()
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step(model, is_ldm, x, t, context)
-        torch.cuda.synchronize()
+        synchronize(device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}

@@ -1,8 +1,9 @@
-"""Safe loading and saving of weights, and conversion from the diffusers key layout.
+"""Safe loading and saving of weights; key conversion to and from diffusers; original SD single files.
 
 Nothing here ever unpickles arbitrary objects: ``.safetensors`` files hold tensors only, and
 ``.ckpt``/``.pt`` files go through ``torch.load(weights_only=True)``. ldm's U-Net and VAE keep the
-original Stable Diffusion key names, so only diffusers' layout needs a conversion.
+original Stable Diffusion key names, so an original checkpoint only needs its prefixes split off,
+and only diffusers' layout needs a conversion table.
 """
 
 from __future__ import annotations
@@ -328,6 +329,11 @@ ORIGINAL_VAE_PREFIX = "first_stage_model."
 ORIGINAL_EMA_PREFIX = "model_ema."
 
 
+def _keys_under(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries whose keys start with ``prefix``, with the prefix removed."""
+    return {key.removeprefix(prefix): tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
+
+
 def original_ema_key(unet_key: str) -> str:
     """Where an original SD checkpoint keeps the EMA copy of a U-Net weight: the EMA stores each
     ``model.<name>`` as a buffer named ``model_ema.<name without dots>``."""
@@ -340,10 +346,7 @@ def split_original_checkpoint(state_dict: dict[str, Tensor], use_ema: bool = Fal
     With ``use_ema`` the U-Net takes the checkpoint's EMA weights; a checkpoint without them (or
     with only some) raises ``CheckpointMismatchError`` naming what is missing.
     """
-    unet = {key.removeprefix(ORIGINAL_UNET_PREFIX): tensor for key, tensor in state_dict.items()
-            if key.startswith(ORIGINAL_UNET_PREFIX)}
-    vae = {key.removeprefix(ORIGINAL_VAE_PREFIX): tensor for key, tensor in state_dict.items()
-           if key.startswith(ORIGINAL_VAE_PREFIX)}
+    unet, vae = (_keys_under(state_dict, prefix) for prefix in (ORIGINAL_UNET_PREFIX, ORIGINAL_VAE_PREFIX))
     if not unet or not vae:
         raise CheckpointMismatchError(
             f"not an original SD checkpoint: no keys under {ORIGINAL_UNET_PREFIX!r}" if not unet
