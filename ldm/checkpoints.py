@@ -51,7 +51,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def check_state_dict(module: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Raise ``CheckpointMismatchError`` naming every missing, unexpected or misshapen key."""
-    expected = module.state_dict()
+    check_keys(module.state_dict(), state_dict, source=source, target=type(module).__name__)
+
+
+def check_keys(expected: dict[str, Tensor], state_dict: dict[str, Tensor], source: str, target: str) -> None:
+    """``check_state_dict`` against an explicit set of expected tensors (``target`` names their owner)."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshapen = sorted(
@@ -66,7 +70,7 @@ def check_state_dict(module: nn.Module, state_dict: dict[str, Tensor], source: s
                 shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
                 parts.append(f"{title}: {shown}")
         raise CheckpointMismatchError(
-            f"{source} does not fit {type(module).__name__}; " + "; ".join(parts)
+            f"{source} does not fit {target}; " + "; ".join(parts)
             + ". Check that the model config matches the one the weights were trained with."
         )
 

@@ -99,6 +99,8 @@ class NoiseSchedule:
 
         self.schedule = schedule
         self.num_train_timesteps = num_train_timesteps
+        self.beta_start = beta_start
+        self.beta_end = beta_end
         self.zero_terminal_snr = zero_terminal_snr
         self.betas = betas.float()
         self.alphas = (1.0 - betas).float()

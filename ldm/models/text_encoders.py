@@ -24,7 +24,10 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
 
     ``layer="penultimate"`` takes the output of the second-to-last block (Stable Diffusion 2.x),
     ``"last"`` that of the final block (SD 1.x); both go through the final LayerNorm.
-    Captions are tokenised with open_clip's BPE tokenizer and padded to ``context_length`` tokens.
+    Captions are tokenised with open_clip's BPE tokenizer and padded to ``context_length`` tokens
+    with ``pad_token_id``: 0 as OpenCLIP pads (SD 2.x), or 49407, the end token, as SD 1.x's
+    CLIPTokenizer pads. The U-Net attends to the padding tokens' states too, so a pretrained model
+    must be fed the padding it was trained with.
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         layer: str = "last",
         tokenizer_name: str = "ViT-H-14",
         seed: int = 0,
+        pad_token_id: int = 0,
     ) -> None:
         super().__init__()
         if (model_name is None) == (text_cfg is None):
@@ -45,6 +49,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         if layer not in LAYERS:
             raise ValueError(f"text encoder layer={layer!r}; choose one of {LAYERS}")
         self.layer = layer
+        self.pad_token_id = pad_token_id
         if model_name is not None:
             clip = open_clip.create_model(model_name, pretrained=pretrained)
             del clip.visual
@@ -69,8 +74,13 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, captions: Sequence[str]) -> Tensor:
-        """Captions -> token ids (B, context_length) int64."""
-        return self.tokenizer(list(captions), context_length=self.context_length)
+        """Captions -> token ids (B, context_length) int64, padded with ``pad_token_id`` after the end token."""
+        tokens = self.tokenizer(list(captions), context_length=self.context_length)
+        if self.pad_token_id:
+            end = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1, keepdim=True)
+            after_end = torch.arange(tokens.shape[1])[None] > end
+            tokens = tokens.masked_fill(after_end, self.pad_token_id)
+        return tokens
 
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> Tensor:

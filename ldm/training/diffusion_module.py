@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ldm.checkpoints import load_weights
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.interchange.pretrained import load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
 from ldm.training.lr_schedules import WarmupSchedule
@@ -49,6 +50,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         offset_noise_strength: float = 0.0,
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
+        pretrained: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -66,7 +68,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
         check_model_compatibility(unet, vae, text_encoder)
 
-        stored_scale = None
+        self.pretrained = dict(pretrained) if pretrained else None
+        stored_scale = self._load_pretrained() if self.pretrained else None
         if vae_weights:
             metadata = load_weights(vae, vae_weights)
             stored_scale = float(metadata["latent_scale_factor"]) if "latent_scale_factor" in metadata else None
@@ -77,6 +80,17 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             frozen.eval()
             frozen.requires_grad_(False)
         self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+
+    def _load_pretrained(self) -> float | None:
+        """Load the released weights that ``pretrained`` names; returns their latent scale factor, if known."""
+        options = {"path", "use_ema", "text_encoder"}
+        if set(self.pretrained) - options or not self.pretrained.get("path"):
+            raise ValueError(f"model.pretrained={self.pretrained}: give path (an original SD .ckpt/.safetensors "
+                             f"or a diffusers folder) and optionally use_ema, text_encoder; keys: {sorted(options)}")
+        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained.get("text_encoder", True)
+                                 else None, self.pretrained["path"], use_ema=bool(self.pretrained.get("use_ema")))
+        self.pretrained["text_encoder"] = loaded["text_encoder_loaded"]
+        return loaded["latent_scale_factor"]
 
     # ----------------------------------------------------------------------------------- training
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -173,14 +187,15 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     # ------------------------------------------------------------------------------- checkpoints
     def _weights_from_files(self) -> list[str]:
         """Prefixes of submodules whose weights come from a fixed file, so checkpoints skip them."""
-        return ["vae."] if self.vae_weights else []
+        prefixes = ["vae."] if (self.vae_weights or self.pretrained) else []
+        return prefixes + (["text_encoder."] if self.pretrained and self.pretrained["text_encoder"] else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(self._weights_from_files())
         if prefixes:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         checkpoint["ldm_model_config"] = self.model_config
-        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights}
+        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights, "pretrained": self.pretrained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen weights left out of the checkpoint were loaded from their file in __init__.

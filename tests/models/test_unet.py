@@ -106,6 +106,23 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads_and_recomputes():
     assert len(calls) == 2  # forward, then recomputed in backward: the checkpoint is active
 
 
+def test_channels_last_keeps_nhwc_weights_and_gives_the_same_outputs_and_grads():
+    reference = tiny_unet()
+    nhwc = UNetModel(**TINY, channels_last=True)
+    nhwc.load_state_dict(reference.state_dict())
+    conv = nhwc.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, t, context = inputs(batch=2)
+    outs = []
+    for model in (reference, nhwc):
+        out = model(x, t, context)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    for (name, p_ref), p_nhwc in zip(reference.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(p_nhwc.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_cross_attention_matches_explicit_softmax_attention():
     torch.manual_seed(0)
     attention = CrossAttention(query_dim=12, context_dim=10, heads=3, dim_head=4)

@@ -1,0 +1,66 @@
+"""Start a model from released weights: an original SD single file or a diffusers folder.
+
+``load_pretrained`` fills ldm's U-Net, VAE and (when the weights carry one) OpenCLIP text tower in
+place, strictly: every missing, unexpected or misshapen key is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ldm.checkpoints import check_keys, check_state_dict
+from ldm.interchange.clip_text import used_text_keys
+from ldm.interchange.diffusers_folder import read_diffusers_folder, text_encoder_layers
+from ldm.interchange.original_file import read_original_checkpoint
+
+
+def read_pretrained(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
+    """Weights of a diffusers folder (a directory with ``unet/``) or an original SD single file
+    (``.ckpt``/``.safetensors``): ``{"unet", "vae"}`` in ldm's keys, maybe ``"text_encoder"`` (OpenCLIP
+    keys) and ``"latent_scale_factor"``."""
+    path = Path(path)
+    if path.is_dir():
+        if use_ema:
+            raise ValueError(f"{path} is a diffusers folder, which holds one U-Net; use_ema applies to original "
+                             "single files with model_ema weights")
+        return read_diffusers_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pretrained weights at {path}: give an original SD .ckpt/.safetensors file "
+                                "or a diffusers folder")
+    return read_original_checkpoint(path, use_ema=use_ema)
+
+
+def load_text_tower(text_encoder: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """Load OpenCLIP text-tower weights into a ``FrozenOpenCLIPTextEncoder``'s tower.
+
+    Only the blocks the context passes through are required (SD 2.x's diffusers text encoder lacks
+    the last block, which the penultimate layer never uses); the pooled projection is not needed.
+    """
+    used_blocks = text_encoder_layers(text_encoder)
+
+    def context_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value for key, value in used_text_keys(state).items()
+                if not key.startswith("transformer.resblocks.") or int(key.split(".")[2]) < used_blocks}
+
+    expected, given = context_keys(text_encoder.tower.state_dict()), context_keys(state_dict)
+    check_keys(expected, given, source=source, target="the text encoder's OpenCLIP tower")
+    text_encoder.tower.load_state_dict(given, strict=False)
+
+
+def load_pretrained(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, path: str | Path,
+                    use_ema: bool = False) -> dict[str, Any]:
+    """Load released weights into the modules (``text_encoder`` None: leave it as built).
+
+    Returns ``{"latent_scale_factor": float | None, "text_encoder_loaded": bool}``.
+    """
+    parts = read_pretrained(path, use_ema=use_ema)
+    for name, module in (("unet", unet), ("vae", vae)):
+        check_state_dict(module, parts[name], source=f"{path} ({name})")
+        module.load_state_dict(parts[name])
+    text_loaded = text_encoder is not None and "text_encoder" in parts
+    if text_loaded:
+        load_text_tower(text_encoder, parts["text_encoder"], source=f"{path} (text encoder)")
+    return {"latent_scale_factor": parts.get("latent_scale_factor"), "text_encoder_loaded": text_loaded}
