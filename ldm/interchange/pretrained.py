@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ldm.checkpoints import check_keys, check_state_dict
+from ldm.checkpoints import CheckpointMismatchError, check_keys, check_state_dict
 from ldm.interchange.clip_text import used_text_keys
 from ldm.interchange.diffusers_folder import read_diffusers_folder, text_encoder_layers
 from ldm.interchange.original_file import read_original_checkpoint
@@ -36,16 +36,16 @@ def read_pretrained(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
 def load_text_tower(text_encoder: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
     """Load OpenCLIP text-tower weights into a ``FrozenOpenCLIPTextEncoder``'s tower.
 
-    Only the blocks the context passes through are required (SD 2.x's diffusers text encoder lacks
-    the last block, which the penultimate layer never uses); the pooled projection is not needed.
+    Required are the blocks the context passes through (SD 2.x's diffusers text encoder lacks the
+    last block, which the penultimate layer never uses); the last block is loaded when present, so
+    a round trip keeps it. The pooled projection is not needed.
     """
     used_blocks = text_encoder_layers(text_encoder)
-
-    def context_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {key: value for key, value in used_text_keys(state).items()
+    tower = used_text_keys(text_encoder.tower.state_dict())
+    given = used_text_keys(state_dict)
+    required = {key for key in tower
                 if not key.startswith("transformer.resblocks.") or int(key.split(".")[2]) < used_blocks}
-
-    expected, given = context_keys(text_encoder.tower.state_dict()), context_keys(state_dict)
+    expected = {key: value for key, value in tower.items() if key in required or key in given}
     check_keys(expected, given, source=source, target="the text encoder's OpenCLIP tower")
     text_encoder.tower.load_state_dict(given, strict=False)
 
@@ -54,13 +54,17 @@ def load_pretrained(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | N
                     use_ema: bool = False) -> dict[str, Any]:
     """Load released weights into the modules (``text_encoder`` None: leave it as built).
 
-    Returns ``{"latent_scale_factor": float | None, "text_encoder_loaded": bool}``.
+    A ``text_encoder`` given but absent from the weights is an error, so that a fine-tune never
+    runs on a randomly initialised tower by accident. Returns ``{"latent_scale_factor": float | None}``.
     """
     parts = read_pretrained(path, use_ema=use_ema)
     for name, module in (("unet", unet), ("vae", vae)):
         check_state_dict(module, parts[name], source=f"{path} ({name})")
         module.load_state_dict(parts[name])
-    text_loaded = text_encoder is not None and "text_encoder" in parts
-    if text_loaded:
+    if text_encoder is not None:
+        if "text_encoder" not in parts:
+            raise CheckpointMismatchError(
+                f"{path} holds no text encoder weights; set model.pretrained.text_encoder=false and give the text "
+                "encoder its own weights (model.text_encoder.pretrained: a hub tag or a local file)")
         load_text_tower(text_encoder, parts["text_encoder"], source=f"{path} (text encoder)")
-    return {"latent_scale_factor": parts.get("latent_scale_factor"), "text_encoder_loaded": text_loaded}
+    return {"latent_scale_factor": parts.get("latent_scale_factor")}

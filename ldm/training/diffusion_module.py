@@ -32,6 +32,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     training batch's latents. It is a buffer, so checkpoints keep it.
     The VAE and text encoder are frozen: eval mode, no gradients, not in the optimizer, run under
     ``torch.no_grad()``; weights that come from a file are not written into checkpoints again.
+
+    ``pretrained`` starts from released weights (fine-tuning): ``{path, use_ema=False,
+    text_encoder=True}`` with ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers
+    folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
+    loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
     """
 
     def __init__(
@@ -83,13 +88,13 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     def _load_pretrained(self) -> float | None:
         """Load the released weights that ``pretrained`` names; returns their latent scale factor, if known."""
-        options = {"path", "use_ema", "text_encoder"}
-        if set(self.pretrained) - options or not self.pretrained.get("path"):
+        options = {"path": None, "use_ema": False, "text_encoder": True}
+        if set(self.pretrained) - set(options) or not self.pretrained.get("path"):
             raise ValueError(f"model.pretrained={self.pretrained}: give path (an original SD .ckpt/.safetensors "
                              f"or a diffusers folder) and optionally use_ema, text_encoder; keys: {sorted(options)}")
-        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained.get("text_encoder", True)
-                                 else None, self.pretrained["path"], use_ema=bool(self.pretrained.get("use_ema")))
-        self.pretrained["text_encoder"] = loaded["text_encoder_loaded"]
+        self.pretrained = {**options, **self.pretrained}
+        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained["text_encoder"] else None,
+                                 self.pretrained["path"], use_ema=bool(self.pretrained["use_ema"]))
         return loaded["latent_scale_factor"]
 
     # ----------------------------------------------------------------------------------- training

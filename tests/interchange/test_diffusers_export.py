@@ -1,0 +1,61 @@
+"""A trained run exported with `python -m ldm.tools.export format=diffusers` is a StableDiffusionPipeline
+that generates ldm's images, and the folder reads back into ldm unchanged."""
+
+import json
+
+import pytest
+import torch
+
+from ldm.checkpoints import load_training_checkpoint
+from ldm.interchange.clip_text import used_text_keys
+from ldm.interchange.diffusers_folder import read_diffusers_folder
+from ldm.tools.export import export_module, main as export_main
+
+from .conftest import assert_same_tensors, tiny_module
+
+diffusers = pytest.importorskip("diffusers")
+PROMPTS = ["a red circle on a white background", "a blue square on a gray background"]
+
+
+def test_stable_diffusion_pipeline_from_an_exported_run_generates_ldm_images(trained_run, tmp_path):
+    out = export_main([f"ckpt_path={trained_run}", "format=diffusers", f"out={tmp_path / 'exported'}"])
+    module = load_training_checkpoint(trained_run)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler) and pipe.safety_checker is None
+
+    ours_pipeline = module.pipeline(use_ema=True)
+    ours = ours_pipeline(PROMPTS, height=32, width=32, num_inference_steps=12, guidance_scale=2.0, sampler="ddim",
+                         seed=[5, 9], steps_offset=1)
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=12, guidance_scale=2.0, output_type="pt",
+                  latents=ours_pipeline.initial_noise([5, 9], 32, 32)).images
+    assert ours.std() > 0.05  # real images, not a blank that would match anything
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_exported_folder_reads_back_into_ldm_unchanged(tmp_path):
+    module = tiny_module("model/text_encoder=tiny", "model.text_encoder.layer=penultimate")
+    export_module(module, tmp_path / "sd", format="diffusers", use_ema=True)
+    parts = read_diffusers_folder(tmp_path / "sd")
+    assert_same_tensors(parts["unet"], module.ema_unet.module.state_dict())
+    assert_same_tensors(parts["vae"], module.vae.state_dict())
+    tower = used_text_keys(module.text_encoder.tower.state_dict())
+    last_block = "transformer.resblocks.1."  # penultimate: diffusers' text encoder stops before the last block
+    assert_same_tensors(parts["text_encoder"], {k: v for k, v in tower.items() if not k.startswith(last_block)})
+    assert parts["latent_scale_factor"] == pytest.approx(0.7)
+    config = json.loads((tmp_path / "sd/text_encoder/config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    tokenizer = json.loads((tmp_path / "sd/tokenizer/tokenizer_config.json").read_text())
+    assert tokenizer["pad_token"] == "!" and tokenizer["model_max_length"] == 16
+
+
+def test_export_refuses_an_existing_folder_and_unknown_formats(tmp_path):
+    module = tiny_module()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="taken"):
+        export_module(module, tmp_path / "taken", format="diffusers")
+    with pytest.raises(ValueError, match="format='onnx'"):
+        export_module(module, tmp_path / "x", format="onnx")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        export_main(["ckpt_path=a", "out=b", "fromat=sd"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no half-written folder left behind
