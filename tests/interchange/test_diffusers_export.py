@@ -11,7 +11,7 @@ from ldm.interchange.clip_text import used_text_keys
 from ldm.interchange.diffusers_folder import read_diffusers_folder
 from ldm.tools.export import export_module, main as export_main
 
-from .conftest import assert_same_tensors, tiny_module
+from .conftest import assert_same_tensors, build_module, tiny_module
 
 diffusers = pytest.importorskip("diffusers")
 PROMPTS = ["a red circle on a white background", "a blue square on a gray background"]
@@ -59,3 +59,19 @@ def test_export_refuses_an_existing_folder_and_unknown_formats(tmp_path):
     with pytest.raises(SystemExit, match="unknown keys"):
         export_main(["ckpt_path=a", "out=b", "fromat=sd"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no half-written folder left behind
+
+
+def test_a_diffusers_folder_starts_a_finetune_also_after_diffusers_saves_it_again(tmp_path):
+    """Folders written by diffusers/transformers themselves (``save_pretrained``) read the same."""
+    module = tiny_module("model.text_encoder.layer=penultimate")
+    export_module(module, tmp_path / "ours", format="diffusers", use_ema=False)
+    diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "resaved")
+    for folder in ("ours", "resaved"):
+        loaded = build_module("model.text_encoder.layer=penultimate", "model.latent_scale_factor=null",
+                              f"+model.pretrained.path={tmp_path / folder}")
+        assert_same_tensors(loaded.unet.state_dict(), module.unet.state_dict())
+        assert_same_tensors(loaded.vae.state_dict(), module.vae.state_dict())
+        assert float(loaded.latent_scale_factor) == pytest.approx(0.7)  # from the VAE's scaling_factor
+        tower, expected = loaded.text_encoder.tower.state_dict(), module.text_encoder.tower.state_dict()
+        for key in ("token_embedding.weight", "transformer.resblocks.0.attn.in_proj_weight", "ln_final.weight"):
+            assert torch.equal(tower[key], expected[key]), (folder, key)

@@ -33,6 +33,10 @@ def test_tiny_model_as_an_original_single_file_loads_into_ldm_and_back_out_uncha
     assert_same_tensors(ema.unet.state_dict(), source.ema_unet.module.state_dict())
     assert_same_tensors(ema.ema_unet.module.state_dict(), source.ema_unet.module.state_dict())  # EMA starts there
 
+    ckpt = tmp_path / "model.ckpt"  # the same tensors as a (weights-only) torch checkpoint
+    torch.save({"state_dict": state, "global_step": 1}, ckpt)
+    assert_same_tensors(_loaded(layer, ckpt, use_ema=True).unet.state_dict(), source.ema_unet.module.state_dict())
+
     again = export_module(plain, tmp_path / "again.safetensors", format="sd", use_ema=False)
     without_ema = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     assert_same_tensors({k: v for k, v in read_state_dict(again).items() if not k.startswith("model_ema.")},
