@@ -80,3 +80,20 @@ def test_named_model_loads_a_local_weights_file(tmp_path):
     encoder = FrozenOpenCLIPTextEncoder(model_name=name, pretrained=str(tmp_path / "weights.safetensors"))
     assert torch.equal(encoder.tower.token_embedding.weight, source.token_embedding.weight)
     assert encoder(["a cat"]).shape == (1, 77, 32)
+
+
+@pytest.mark.parametrize("name,layers,parameters", [
+    ("ViT-L-14-quickgelu", 12, 123_060_480),  # SD 1.x's text_encoder
+    ("ViT-H-14", 23, 340_387_840),  # SD 2.x's: OpenCLIP ViT-H/14 without its last block (penultimate layer)
+])
+def test_full_size_towers_convert_to_the_published_sd_text_encoders(name, layers, parameters):
+    """At full size, on the meta device: the converted keys and shapes are those of SD's CLIPTextModel."""
+    tower = open_clip.create_model(name, pretrained=None, device="meta")
+    del tower.visual
+    config = clip_text_config(tower, layers)
+    with torch.device("meta"):
+        reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
+    ours = {k.removeprefix("text_model."): v.shape for k, v in open_clip_text_to_hf(tower.state_dict(), layers).items()}
+    theirs = {k.removeprefix("text_model."): v.shape for k, v in reference.state_dict().items() if "position_ids" not in k}
+    assert ours == theirs
+    assert sum(p.numel() for p in reference.parameters()) == parameters
