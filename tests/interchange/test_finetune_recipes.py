@@ -22,6 +22,9 @@ RECIPES = {
                           text=("ViT-L-14-quickgelu", "last", 49407)),
     "sd21_base_finetune": dict(context_dim=1024, num_head_channels=64, use_linear_in_transformer=True,
                                text=("ViT-H-14", "penultimate", 0)),
+    "sd21_finetune": dict(context_dim=1024, num_head_channels=64, use_linear_in_transformer=True,
+                          text=("ViT-H-14", "penultimate", 0), prediction_type="v_prediction", resolution=768,
+                          upcast_attention=True, batch_size=2),
 }
 
 
@@ -36,7 +39,7 @@ def test_recipe_composes_the_published_model_and_a_cluster_setup(name):
     cfg = compose_recipe(name, "model.pretrained.path=/ckpt/model.safetensors", "data.train_shards='/d/{0..9}.tar'")
     expected = RECIPES[name]
     unet = cfg.model.unet
-    for key in ("context_dim", "num_heads", "num_head_channels", "use_linear_in_transformer"):
+    for key in ("context_dim", "num_heads", "num_head_channels", "use_linear_in_transformer", "upcast_attention"):
         if key in expected:
             assert unet[key] == expected[key], key
     assert (unet.model_channels, list(unet.channel_mult), unet.use_checkpoint, unet.channels_last) == (
@@ -44,10 +47,12 @@ def test_recipe_composes_the_published_model_and_a_cluster_setup(name):
     text = cfg.model.text_encoder
     assert (text.model_name, text.layer, text.get("pad_token_id", 0), text.pretrained) == (*expected["text"], None)
     assert cfg.model.vae.ch == 128 and cfg.model.latent_scale_factor == pytest.approx(0.18215)
-    assert cfg.model.noise_schedule.schedule == "scaled_linear" and cfg.model.prediction_type == "epsilon"
+    assert cfg.model.noise_schedule.schedule == "scaled_linear"
+    assert cfg.model.prediction_type == expected.get("prediction_type", "epsilon")
     assert (cfg.trainer.accelerator, cfg.trainer.strategy, cfg.trainer.precision) == ("gpu", "ddp", "bf16-mixed")
     assert cfg.model.optimizer.lr == pytest.approx(1e-5) and cfg.trainer.gradient_clip_val == 1.0
-    assert cfg.data.resolution == 512 and cfg.data.batch_size == 4
+    assert cfg.data.resolution == cfg.model.vae.resolution == expected.get("resolution", 512)
+    assert cfg.data.batch_size == expected.get("batch_size", 4)
 
 
 @pytest.mark.parametrize("name", RECIPES)
