@@ -50,9 +50,20 @@ class InceptionFeatures(nn.Module):
                     f"eval.feature_extractor.weights_path={weights_path} does not exist; copy torch-fidelity's "
                     f"weights-inception-2015-12-05-6726825d.pth there, or set it to null to download it"
                 )
-        self.inception = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=[str(num_features)], feature_extractor_weights_path=weights_path
-        )
+        try:
+            self.inception = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=[str(num_features)], feature_extractor_weights_path=weights_path
+            )
+        except ModuleNotFoundError as error:
+            raise ImportError(
+                "the InceptionV3 feature extractor needs torch-fidelity: pip install 'ldm[inception]' (or "
+                "torch-fidelity); without it use eval/feature_extractor=scene_classifier or pooled_pixels"
+            ) from error
+        except (RuntimeError, KeyError, ValueError, OSError) as error:
+            raise ValueError(
+                f"eval.feature_extractor.weights_path={weights_path} could not be loaded into torch-fidelity's "
+                f"InceptionV3 ({error}); it must be weights-inception-2015-12-05-6726825d.pth"
+            ) from error
         self.num_features = num_features
         self.name = f"inception-v3-compat-{num_features} (torchmetrics/torch-fidelity)"
 
