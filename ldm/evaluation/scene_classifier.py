@@ -104,6 +104,13 @@ def train_scene_classifier(
     seed: int = 0, resolution: int = 32, width: int = 16, num_features: int = 64,
 ) -> SceneClassifier:
     """Fit a ``SceneClassifier`` to images (N, 3, H, W) in [0, 1] with built-in captions; seeded and deterministic."""
+    # Callers may sit inside a no-grad or inference-mode block (e.g. a validation hook).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(images.clone(), captions, steps, batch_size, lr, seed, resolution, width, num_features)
+
+
+def _train(images: Tensor, captions: list[str], steps: int, batch_size: int, lr: float, seed: int,
+           resolution: int, width: int, num_features: int) -> SceneClassifier:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
