@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import lightning as L
@@ -97,7 +98,10 @@ class FIDCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        started = time.perf_counter()
         values = self.measure(trainer, pl_module)
         self.history.append((trainer.global_step, values["val/fid"]))
+        pl_module.print(f"step {trainer.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                        + f" ({time.perf_counter() - started:.1f} s)")
         for name, value in values.items():
             pl_module.log(name, value, sync_dist=False)  # identical on every rank: gathered in sample order
