@@ -106,6 +106,8 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         plot = None
         if len(rows) > 1 and rows[0]["clip_score"] is not None:
             plot = plot_guidance_curve(rows, output_dir / "fid_vs_clip_score.png")
+        if len(rows) > 1 and "adherence_all" in rows[0]:  # built-in captions: a measured prompt-following axis
+            plot_guidance_curve(rows, output_dir / "fid_vs_adherence_all.png", x_metric="adherence_all")
         results["plot"] = str(plot) if plot else None
         write_results(output_dir / "results.json", results)
         log_to_wandb(instantiate_group(cfg.get("logger")), results, grids, plot)
