@@ -57,10 +57,12 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     pipeline = module.pipeline(use_ema=options.use_ema)
     resolution = int(options.resolution)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    rank_zero_first(datamodule.prepare_data)
-    datamodule.setup("validate")
-    reference_shards = options.reference_shards or datamodule.val_urls
+    reference_shards = options.reference_shards
+    if not reference_shards:  # the data config's validation shards (the built-in set is made if missing)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        rank_zero_first(datamodule.prepare_data)
+        datamodule.setup("validate")
+        reference_shards = datamodule.val_urls
     if not reference_shards:
         raise ValueError("no reference images: set eval.reference_shards or use data with validation shards")
 

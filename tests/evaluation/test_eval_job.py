@@ -62,3 +62,16 @@ def test_eval_job_writes_results_and_two_processes_match_one(tiny_checkpoint, tm
     for name in ("one", "two"):
         assert (tmp_path / name / "fid_vs_clip_score.png").is_file()
         assert (tmp_path / name / "samples_guidance_3.png").is_file()
+
+
+def test_generation_captions_repeat_the_reference_or_prompt_file_and_refuse_bad_input(tmp_path):
+    from ldm.evaluation.job import generation_captions
+
+    assert generation_captions(["a", "b"], 5, None) == ["a", "b", "a", "b", "a"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\n\n second \n")
+    assert generation_captions(["a"], 3, str(prompts)) == ["first", "second", "first"]
+    with pytest.raises(FileNotFoundError, match="eval.prompts_file=.*does not exist"):
+        generation_captions(["a"], 3, str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="eval.num_samples=0"):
+        generation_captions(["a"], 0, None)
