@@ -31,10 +31,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def run_eval(root: Path, checkpoint: Path, name: str, *overrides: str) -> dict:
+def run_eval(root: Path, checkpoint: Path, name: str, *overrides: str, logger: str = "csv") -> dict:
     command = [
         sys.executable, str(ROOT / "eval.py"), f"ckpt_path={checkpoint}", f"paths.root_dir={root}",
-        f"hydra.run.dir={root / name}", "logger=csv", "eval/feature_extractor@feature_extractor=pooled_pixels",
+        f"hydra.run.dir={root / name}", f"logger={logger}", "eval/feature_extractor@feature_extractor=pooled_pixels",
         "data.synthetic.num_train=256", "data.synthetic.num_val=40", "data.synthetic.samples_per_shard=128",
         "eval.num_samples=10", "eval.num_inference_steps=3", "eval.batch_size=4", "eval.kid_subsets=5",
         "eval.num_grid_images=4", *overrides,
@@ -47,7 +47,7 @@ def run_eval(root: Path, checkpoint: Path, name: str, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_eval_job_writes_results_and_two_processes_match_one(tiny_checkpoint, tmp_path):
-    one = run_eval(tmp_path, tiny_checkpoint, "one", "eval.guidance_scales=[1,3]")
+    one = run_eval(tmp_path, tiny_checkpoint, "one", "eval.guidance_scales=[1,3]", logger="wandb")
     two = run_eval(tmp_path, tiny_checkpoint, "two", "eval.guidance_scales=[1,3]", "fabric.devices=2")
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["num_samples"] == 10 and one["reference"]["num_images"] == 40
@@ -59,6 +59,9 @@ def test_eval_job_writes_results_and_two_processes_match_one(tiny_checkpoint, tm
     for row_one, row_two in zip(one["rows"], two["rows"], strict=True):
         for metric in ("fid", "kid_mean", "kid_std", "clip_score", "adherence_all"):
             assert row_two[metric] == pytest.approx(row_one[metric], rel=1e-4, abs=1e-5), metric
+    (wandb_run,) = (tmp_path / "one" / "wandb").glob("offline-run-*")
+    assert list(wandb_run.glob("files/media/table/eval/*.table.json"))  # the sweep table
+    assert list(wandb_run.glob("files/media/images/eval/**/*.png"))  # grids and the plot
     for name in ("one", "two"):
         assert (tmp_path / name / "fid_vs_clip_score.png").is_file()
         assert (tmp_path / name / "samples_guidance_3.png").is_file()
