@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.shards import image_text_dataset
+from ldm.evaluation.reference import read_image_caption_set
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINTS = str(ROOT / "outputs/train/demo/*/checkpoints/last.ckpt")
@@ -49,15 +49,10 @@ def default_val_shards(resolution: int) -> str | None:
 
 def real_images(shards: str, resolution: int, limit: int) -> tuple[torch.Tensor, list[str]]:
     """Up to ``limit`` real images (N, 3, resolution, resolution) in [0, 1] and their captions."""
-    images, captions = [], []
-    for sample in image_text_dataset(shards, resolution=resolution, train=False):
-        images.append((sample["image"] + 1) / 2)
-        captions.append(sample["caption"])
-        if len(images) >= limit:
-            break
-    if not images:
-        raise SystemExit(f"no readable images in {shards}")
-    return torch.stack(images), captions
+    try:
+        return read_image_caption_set(shards, resolution, limit)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
 
 
 def machine_info() -> dict:

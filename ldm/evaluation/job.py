@@ -1,0 +1,118 @@
+"""The evaluation job behind ``eval.py``: checkpoint -> generated images -> FID/KID/CLIP score -> JSON + W&B.
+
+Every process of the job runs ``run_evaluation``; each generates its share of the samples and the
+per-sample results are gathered in sample order, so one process and several give the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoints import load_training_checkpoint
+from ldm.config import instantiate_group
+from ldm.evaluation.distributed import barrier, rank_and_world_size
+from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
+from ldm.evaluation.reference import reference_features
+from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
+
+logger = logging.getLogger(__name__)
+
+
+def rank_zero_first(build):
+    """``build()`` on rank 0, then on the other ranks: whatever rank 0 caches on disk, they read."""
+    rank, _ = rank_and_world_size()
+    result = build() if rank == 0 else None
+    barrier()
+    return result if rank == 0 else build()
+
+
+def generation_captions(reference_captions: list[str], num_samples: int, prompts_file: str | None) -> list[str]:
+    """``num_samples`` captions: the reference set's (or the prompt file's lines), repeated in order if too few."""
+    captions = reference_captions
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.prompts_file={prompts_file} does not exist; give a file of one prompt per line")
+        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not captions:
+            raise ValueError(f"eval.prompts_file={prompts_file} holds no prompts")
+    if num_samples <= 0:
+        raise ValueError(f"eval.num_samples={num_samples} must be positive")
+    return [captions[i % len(captions)] for i in range(num_samples)]
+
+
+def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` as ``configs/eval.yaml`` describes; returns the results (written by rank 0)."""
+    rank, world_size = rank_and_world_size()
+    options = cfg.eval
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")
+    module = load_training_checkpoint(cfg.ckpt_path, map_location=device)
+    pipeline = module.pipeline(use_ema=options.use_ema)
+    resolution = int(options.resolution)
+
+    reference_shards = options.reference_shards
+    if not reference_shards:  # the data config's validation shards (the built-in set is made if missing)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        rank_zero_first(datamodule.prepare_data)
+        datamodule.setup("validate")
+        reference_shards = datamodule.val_urls
+    if not reference_shards:
+        raise ValueError("no reference images: set eval.reference_shards or use data with validation shards")
+
+    extractor = rank_zero_first(lambda: hydra.utils.instantiate(cfg.feature_extractor)).to(device).eval()
+    extractor_name = getattr(extractor, "name", type(extractor).__name__)
+    real, real_captions, cache_file = rank_zero_first(lambda: reference_features(
+        reference_shards, resolution, extractor, extractor_name, options.reference_cache_dir, options.num_reference))
+    captions = generation_captions(real_captions, int(options.num_samples), options.prompts_file)
+    clip_score = hydra.utils.instantiate(cfg.clip) if cfg.get("clip") else None
+    scales = list(options.guidance_scales) if options.guidance_scales else [float(options.guidance_scale)]
+    settings = SamplingSettings(
+        sampler=options.sampler, num_inference_steps=int(options.num_inference_steps), seed=int(options.seed),
+        batch_size=int(options.batch_size), height=resolution, width=resolution,
+        sampler_options=OmegaConf.to_container(options.sampler_options) if options.sampler_options else {},
+    )
+    rows, images = guidance_sweep(
+        pipeline, captions, real, scales, settings, extractor, clip_score, options.kid_subset_size,
+        options.kid_subsets, keep_images=int(options.num_grid_images),
+        on_row=lambda row: logger.info("guidance %.2f: %s", row["guidance_scale"], row) if rank == 0 else None,
+    )
+    results = {
+        "metrics": {k: v for k, v in rows[0].items() if k not in ("guidance_scale", "num_samples")} if len(rows) == 1 else None,
+        "rows": rows,
+        "checkpoint": str(cfg.ckpt_path),
+        "use_ema": bool(options.use_ema),
+        "sampler": settings.sampler, "num_inference_steps": settings.num_inference_steps,
+        "sampler_options": settings.sampler_options,
+        "guidance_scales": scales, "seed": settings.seed, "num_samples": len(captions), "resolution": resolution,
+        "feature_extractor": {"name": extractor_name, "num_features": int(real.shape[1]),
+                              "val_accuracy": getattr(extractor, "val_accuracy", None)},
+        "clip_model": OmegaConf.to_container(cfg.clip, resolve=True) if cfg.get("clip") else None,
+        "reference": {"shards": str(reference_shards) if isinstance(reference_shards, str) else list(reference_shards),
+                      "num_images": int(real.shape[0]), "feature_cache": str(cache_file) if cache_file else None},
+        "prompts_file": options.prompts_file, "world_size": world_size,
+    }
+    if rank == 0:
+        output_dir = Path(options.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        grids = {f"guidance_{scale:g}": sample_grid(images[scale], captions, f"w={scale:g}") for scale in images
+                 if len(images[scale])}
+        for name, grid in grids.items():
+            grid.save(output_dir / f"samples_{name}.png")
+        plot = None
+        if len(rows) > 1 and rows[0]["clip_score"] is not None:
+            plot = plot_guidance_curve(rows, output_dir / "fid_vs_clip_score.png")
+        if len(rows) > 1 and "adherence_all" in rows[0]:  # built-in captions: a measured prompt-following axis
+            plot_guidance_curve(rows, output_dir / "fid_vs_adherence_all.png", x_metric="adherence_all")
+        results["plot"] = str(plot) if plot else None
+        write_results(output_dir / "results.json", results)
+        log_to_wandb(instantiate_group(cfg.get("logger")), results, grids, plot)
+        print(format_table(rows))
+        print(f"results written to {output_dir / 'results.json'}")
+    return results

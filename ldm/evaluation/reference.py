@@ -1,0 +1,78 @@
+"""The real images of a reference set, and their features cached once per (data set, resolution, extractor)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ldm.checkpoints import save_weights
+from ldm.data.shards import expand_shards, image_text_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def read_image_caption_set(shards: str | list[str], resolution: int, limit: int | None = None) -> tuple[Tensor, list[str]]:
+    """The first ``limit`` (all when None) images (N, 3, resolution, resolution) in [0, 1] of the shards, in
+    shard order, centre-cropped, with their captions. Reads everything in this process, whatever the rank."""
+    images, captions = [], []
+    for sample in image_text_dataset(shards, resolution=resolution, train=False, rank=0, world_size=1):
+        images.append((sample["image"] + 1) / 2)
+        captions.append(sample["caption"])
+        if limit is not None and len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"no readable image-caption samples in {shards}; check the shard paths")
+    return torch.stack(images), captions
+
+
+def shard_fingerprint(shards: str | list[str]) -> list[tuple[str, int]]:
+    """(name, size in bytes) of each local shard: changes when the data set is rewritten."""
+    return [(os.path.basename(url), os.path.getsize(url) if os.path.isfile(url) else -1) for url in expand_shards(shards)]
+
+
+@torch.no_grad()
+def extract_features(extractor: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 256) -> Tensor:
+    """Features (N, D) float64 of images (N, 3, H, W) in [0, 1], in batches, on the extractor's device."""
+    parameters = extractor.parameters() if isinstance(extractor, torch.nn.Module) else iter(())
+    device = next(parameters, torch.empty(0)).device
+    parts = [extractor(images[start : start + batch_size].to(device)).double().cpu()
+             for start in range(0, len(images), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+
+
+def reference_features(
+    shards: str,
+    resolution: int,
+    extractor: Callable[[Tensor], Tensor],
+    extractor_name: str,
+    cache_dir: str | Path | None,
+    limit: int | None = None,
+) -> tuple[Tensor, list[str], Path | None]:
+    """Features (N, D) float64 of the first ``limit`` real images of ``shards``, their captions, and the cache file.
+
+    Computed once per (shards' names and sizes, resolution, limit, extractor) and stored as
+    ``{cache_dir}/reference-{hash}.safetensors`` (captions in its metadata); later calls read the
+    file. ``cache_dir=None`` turns the cache off.
+    """
+    key = dict(shards=shard_fingerprint(shards), resolution=resolution, limit=limit, extractor=extractor_name)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"reference-{digest}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        from ldm.checkpoints import read_metadata
+
+        captions = json.loads(read_metadata(path)["captions"])
+        return load_file(str(path))["features"], captions, path
+    images, captions = read_image_caption_set(shards, resolution, limit)
+    features = extract_features(extractor, images)
+    if path is not None:
+        save_weights({"features": features}, path, metadata=dict(key=key, captions=captions))
+        logger.info("Cached the features of %d reference images at %s", len(features), path)
+    return features, captions, path
