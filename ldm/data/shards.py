@@ -397,7 +397,7 @@ class ImageTextDataset(ShardStream):
     """Image-caption samples from WebDataset shards; see ``image_text_dataset``."""
 
     def __init__(self, shards, resolution: int, train: bool, mode: str | None = None, random_crop: bool = True,
-                 random_flip: bool = False, **stream_options) -> None:
+                 random_flip: bool = False, keep_metadata: bool = False, **stream_options) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution={resolution} must be a positive number of pixels, e.g. 256")
         mode = mode or ("resampled" if train else "exactly_once")
@@ -406,6 +406,7 @@ class ImageTextDataset(ShardStream):
         self.train = train
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.keep_metadata = keep_metadata
 
     def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
         """Image bytes -> ``{"image", "original_size", "crop_coords"}``; ``rng`` given: random crop and flip."""
@@ -427,11 +428,14 @@ class ImageTextDataset(ShardStream):
             return None
         image, crop_coords = resize_and_crop(image, self.resolution, rng if self.random_crop else None)
         flip = rng is not None and self.random_flip and rng.random() < 0.5
-        return {
+        sample = {
             "image": to_tensor(image, flip=flip),
             "original_size": torch.tensor(original_size, dtype=torch.long),
             "crop_coords": torch.tensor(crop_coords, dtype=torch.long),
         }
+        if self.keep_metadata:  # for tools that rewrite the shards (precompute_latents)
+            sample["json"] = metadata
+        return sample
 
 
 def _mixed(streams: list[Iterator[dict]], weights: list[float], rng: np.random.Generator) -> Iterator[dict]:
