@@ -34,7 +34,7 @@ from torch import nn
 from ldm.checkpoints import load_weights
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
-from ldm.data.shards import collate_samples, expand_shards, image_text_dataset
+from ldm.data.shards import ImageTextDataset, collate_samples, expand_shards
 from ldm.data.skips import SkipCounter
 
 logger = logging.getLogger("ldm.tools.precompute_latents")
@@ -60,9 +60,11 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / MANIFEST_NAME
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing != manifest:
-            raise ValueError(f"{path} was written with other settings ({existing}) than these ({manifest}); "
-                             f"use another --out-dir, or the same VAE, text encoder and resolution")
+        differing = sorted(key for key in {*existing, *manifest} if existing.get(key) != manifest.get(key))
+        if differing:
+            shown = "; ".join(f"{key}: {existing.get(key)!r} there, {manifest.get(key)!r} now" for key in differing)
+            raise ValueError(f"{path} was written with other settings ({shown}); use another --out-dir, or the "
+                             f"same VAE, VAE weights, text encoder and resolution")
         return
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -84,8 +86,8 @@ def encode_shard(
     """Encode one image shard into ``target`` (written whole or not at all); returns its skip counts.
     Nothing is written when the shard could not be opened (``unreadable_shard``)."""
     counter = SkipCounter()
-    dataset = image_text_dataset(url, resolution, train=False, skip_counter=counter, rank=0, world_size=1,
-                                 filters=filters, keep_metadata=True)
+    dataset = ImageTextDataset(url, resolution, train=False, keep_metadata=True, skip_counter=counter, rank=0,
+                               world_size=1, filters=filters)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
