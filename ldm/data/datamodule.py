@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -126,7 +127,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.random_crop = random_crop
         self.random_flip = random_flip
-        self.filters = MetadataFilters(**filters) if isinstance(filters, dict) else filters
+        self.filters = MetadataFilters(**filters) if isinstance(filters, Mapping) else filters
         self.max_skip_rate = max_skip_rate
         self.skip_rate_min_samples = skip_rate_min_samples
         self.train_urls: list[str] | list[list[str]] | None = None

@@ -78,3 +78,38 @@ def test_a_corrupt_image_is_skipped_counted_and_the_run_goes_on(tmp_path):
     totals = [float(r[c]) for r in rows for c in skip_columns if r.get(c)]
     assert max(totals) >= 1
     assert "skip" in (result.stderr + result.stdout).lower()
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory) -> tuple[str, str]:
+    """3 training shards of 40, 40 and 24 samples and 3 validation shards of 20, 20 and 12: split by rank,
+    rank 0 gets 64 training and 32 validation samples, rank 1 only 40 and 20."""
+    from ldm.data.synthetic import write_synthetic_shards
+
+    directory = tmp_path_factory.mktemp("odd")
+    write_synthetic_shards(directory, num_samples=104, samples_per_shard=40, seed=1, split="train")
+    write_synthetic_shards(directory, num_samples=52, samples_per_shard=20, seed=1, split="val")
+    return str(directory / "train-{000000..000002}.tar"), str(directory / "val-{000000..000002}.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_mode", ["resampled", "exactly_once"])
+def test_ddp_over_an_odd_number_of_shards_finishes_in_each_mode(tmp_path, odd_shards, train_mode):
+    """Ranks with uneven shares never hang: resampled epochs are equal by construction; exactly-once
+    epochs end on every rank when the first rank runs out (5 batches of 8 here); validation reads
+    every sample once with uneven batch counts per rank."""
+    train_spec, val_spec = odd_shards
+    result = run_train(tmp_path, [
+        "experiment=demo_vae", "data=shards", "trainer=ddp", "trainer.max_steps=12", "trainer.val_check_interval=6",
+        "trainer.limit_val_batches=1.0", "logger=csv", f"data.train_shards='{train_spec}'",
+        f"data.val_shards='{val_spec}'", f"data.train_mode={train_mode}", "data.resolution=32", "data.batch_size=8",
+        "data.val_batch_size=8", "data.num_workers=1", "data.train_epoch_length=48", "data.shuffle_buffer=16",
+    ], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/train/demo_vae/*/checkpoints/last.ckpt")
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 12
+    if train_mode == "exactly_once":
+        assert state["epoch"] >= 2  # 12 steps of 5-batch epochs: the ranks ended epochs together twice
