@@ -117,3 +117,33 @@ def test_ddp_over_an_odd_number_of_shards_finishes_in_each_mode(tmp_path, odd_sh
     for row in rows:
         steps_by_epoch.setdefault(int(row["epoch"]), set()).add(int(row["step"]))
     assert {epoch: len(steps) for epoch, steps in steps_by_epoch.items()} == {0: steps_per_epoch, 1: steps_per_epoch}
+
+
+@pytest.mark.slow
+def test_train_py_with_data_latents_trains_from_precomputed_latents(tmp_path, odd_shards):
+    """precompute_latents with the VAE the model loads, then `python train.py data=latents` runs to the end."""
+    import torch
+
+    from ldm.checkpoints import save_weights
+    from ldm.tools import precompute_latents
+
+    train_spec, val_spec = odd_shards
+    vae, _, _ = precompute_latents.build(str(ROOT / "configs/model/vae/tiny.yaml"))
+    weights = str(save_weights(vae, tmp_path / "vae.safetensors", {"latent_scale_factor": 0.8}))
+    for spec, name in ((train_spec, "train"), (val_spec, "val")):
+        precompute_latents.main(["--shards", spec, "--out-dir", str(tmp_path / "latents"), "--resolution", "32",
+                                 "--vae", str(ROOT / "configs/model/vae/tiny.yaml"), "--vae-weights", weights,
+                                 "--text-encoder", str(ROOT / "configs/model/text_encoder/tiny.yaml")])
+    latents = tmp_path / "latents"
+    result = run_train(tmp_path, [
+        "experiment=demo", "data=latents", f"model.vae_weights={weights}", "callbacks=default", "logger=csv",
+        f"data.train_shards='{latents}/train-{{000000..000002}}.tar'",
+        f"data.val_shards='{latents}/val-{{000000..000002}}.tar'", "data.use_text_states=true",
+        "data.resolution=32", "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1",
+        "data.train_epoch_length=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+    ], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/train/demo/*/checkpoints/last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and float(state["state_dict"]["latent_scale_factor"]) == pytest.approx(0.8)
