@@ -126,6 +126,7 @@ def decode_benchmark(work: Path, images: int, passes: int, noise_std: float = NO
 
 
 def build_module(device: str):
+    """LatentDiffusion of the demo with the SD VAE preset (random weights), and its config."""
     from hydra import compose, initialize_config_dir
 
     from ldm.config import instantiate_module
@@ -138,6 +139,7 @@ def build_module(device: str):
 
 
 def first_batches(datamodule, count: int) -> list[dict]:
+    """The first ``count`` training batches of a datamodule."""
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
@@ -150,19 +152,21 @@ def first_batches(datamodule, count: int) -> list[dict]:
 def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int, device: str) -> dict:
     module, cfg = build_module(device)
     vae_weights = save_weights(module.vae, work / "sd-vae.safetensors", {"latent_scale_factor": 0.18215})
-    needed = (steps + 1) * batch_size  # one warm-up batch per arm
-    records = list(make_shards.folder_records(image_dir))[:needed]
-    shards = make_shards.write_shards(records, work / "train-shards", needed)["shard_spec"]
+    # Pixel batches: one warm-up, then ``steps`` measured; latents are made for the measured images only.
+    records = list(make_shards.folder_records(image_dir))[: (steps + 1) * batch_size]
+    pixel_shards = make_shards.write_shards(records, work / "pixels", len(records))["shard_spec"]
+    measured = make_shards.write_shards(records[batch_size:], work / "measured", len(records))["shard_spec"]
     started = time.perf_counter()
     precompute_latents.precompute_latents(
-        shards, work / "latents", module.vae, RESOLUTION, {"vae": "sd", "weights": str(vae_weights)},
+        measured, work / "latents", module.vae, RESOLUTION, {"vae": "sd", "weights": str(vae_weights)},
         batch_size=batch_size, device=device)
     precompute_seconds = time.perf_counter() - started
-    common = dict(batch_size=batch_size, num_workers=0, train_epoch_length=needed, shuffle_buffer=0,
-                  caption_dropout_prob=0.1, train_mode="exactly_once")
-    pixel_batches = first_batches(ShardDataModule(train_shards=shards, resolution=RESOLUTION, **common), steps + 1)
-    latent_shards = str(work / "latents" / "00000.tar")
-    latent_batches = first_batches(LatentShardDataModule(train_shards=latent_shards, **common), steps + 1)
+    common = dict(batch_size=batch_size, num_workers=0, shuffle_buffer=0, caption_dropout_prob=0.1,
+                  train_mode="exactly_once")
+    pixel_batches = first_batches(ShardDataModule(train_shards=pixel_shards, resolution=RESOLUTION, **common),
+                                  steps + 1)
+    latent_batches = first_batches(LatentShardDataModule(train_shards=str(work / "latents" / "00000.tar"), **common),
+                                   steps)
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
 
     def step(batch: dict) -> float:
@@ -180,8 +184,8 @@ def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int,
 
     times = {"pixels": [], "latents": []}
     step(pixel_batches[0]), step(latent_batches[0])  # warm-up
-    for index in range(1, steps + 1):  # alternating, so the machine's drifts hit both arms alike
-        times["pixels"].append(step(pixel_batches[index]))
+    for index in range(steps):  # alternating, so the machine's drifts hit both arms alike
+        times["pixels"].append(step(pixel_batches[index + 1]))
         times["latents"].append(step(latent_batches[index]))
     pixels, latents = statistics.median(times["pixels"]), statistics.median(times["latents"])
     return {
@@ -190,7 +194,8 @@ def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int,
         "unet": "configs/model/unet/tiny.yaml", "unet_parameters": sum(p.numel() for p in module.unet.parameters()),
         "text_encoder": "configs/model/text_encoder/tiny.yaml (run in both arms)",
         "batch_size": batch_size, "steps": steps, "pixel_step_s": pixels, "latent_step_s": latents,
-        "speedup": pixels / latents, "precompute_s_per_image": precompute_seconds / needed, "all_steps": times,
+        "speedup": pixels / latents, "precompute_s_per_image": precompute_seconds / (steps * batch_size),
+        "all_steps": times,
     }
 
 
@@ -210,7 +215,9 @@ def main() -> None:
         decode.pop("shard_spec")
         torch.set_num_threads(threads)
         training = training_benchmark(Path(work), Path(work) / "images", args.steps, args.batch_size, args.device)
-    result = {"machine": machine_info(), "settings": vars(args), "decode": decode, "training": training}
+    settings = {**vars(args), "output": str(Path(args.output).resolve().relative_to(ROOT))
+                if Path(args.output).resolve().is_relative_to(ROOT) else args.output}
+    result = {"machine": machine_info(), "settings": settings, "decode": decode, "training": training}
     print(f"\n{'decode + filter + resize + crop to 256 px':<46}{'images/s/worker':>16}")
     print(f"{'  ldm shard pipeline (draft-mode JPEG)':<46}{decode['pipeline_images_per_s']:>16.1f}")
     print(f"{'  plain PIL open + resize + crop loop':<46}{decode['plain_images_per_s']:>16.1f}")
