@@ -49,9 +49,13 @@ class ShardDataModule(L.LightningDataModule):
     Batches: ``{"image": (B, 3, resolution, resolution) float in [-1, 1], "caption": list[str],
     "key": list[str], "original_size": (B, 2) long, "crop_coords": (B, 2) long, "skipped": {reason: count}}``.
 
-    Training reads an endless, shuffled stream of each rank's own shards, cut into epochs of
-    ``train_epoch_length`` samples per rank (full batches only; the same number of batches on every
-    rank), with caption dropout. Validation reads every sample once, unshuffled, across ranks.
+    Training (``train_mode="resampled"``) reads an endless, shuffled stream of each rank's own shards,
+    cut into epochs of ``train_epoch_length`` samples per rank (full batches only; the same number of
+    batches on every rank), with random crops (``random_crop``), optional flips and caption dropout;
+    ``train_shards`` may list several sources mixed by ``train_shard_weights``. ``"exactly_once"``
+    reads every sample once per epoch and ends the ranks' epochs together (``EndTogether``).
+    Validation reads every sample once, unshuffled, across ranks. ``filters`` (``MetadataFilters`` or
+    its keyword arguments), ``max_skip_rate`` and ``skip_rate_min_samples``: see ``image_text_dataset``.
     When ``synthetic`` (keyword arguments of ``ensure_synthetic_dataset``, including ``data_dir``) is
     given and ``train_shards`` is not, the built-in set is generated in ``prepare_data`` and used;
     its validation shards are used unless ``val_shards`` is given.
