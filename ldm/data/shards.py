@@ -3,11 +3,14 @@
 The stages are written out here rather than chained on ``wds.WebDataset``, because this module
 must decide exactly which shards each rank and worker reads (tests prove it), and must turn every
 kind of bad input into a counted skip with a named reason; webdataset supplies the stream opener
-(``gopen``: local files, ``pipe:``, URLs) and the tar member naming (``base_plus_ext``).
+(``gopen``: local files, ``pipe:`` commands, http(s), s3/gs via their CLIs) and the tar member
+naming (``base_plus_ext``).
 
-    shards ── split by rank ── split by worker ── tar members grouped by key
-      ── (train: endless shuffled passes, shuffle buffer) ── decode, resize, crop, caption dropout
-      ── skip counts attached ── (train: cut to the epoch length)
+    sources ── split by rank ── split by worker ── tar members grouped by key
+      ── mode "resampled": endless reshuffled passes per source, mixed by weight, shuffle buffer
+         mode "exactly_once": every sample once over all ranks and workers, in shard order
+      ── metadata filters ── decode (JPEG draft), resize, crop, flip, caption choice and dropout
+      ── skip counts attached ── skip-rate ceiling ── (resampled: cut to the epoch length)
 
 Skip counts travel with the samples: ``sample["skipped"]`` holds what its worker dropped since
 its previous sample, and ``collate_samples`` sums them into ``batch["skipped"]``, so the training
@@ -16,39 +19,62 @@ process sees the counts of every dataloader worker.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import braceexpand
 import numpy as np
 import torch
-from PIL import Image
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from ldm.data.filters import MetadataFilters, caption_candidates, choose_caption
 from ldm.data.skips import SkipCounter
+from ldm.data.transforms import decode_rgb, open_image, resize_and_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MODES = ("resampled", "exactly_once")
 # A worker that skips this many samples in a row, before yielding any, is reading unusable data.
 MAX_SKIPS_BEFORE_FIRST_SAMPLE = 10_000
 
+__all__ = ["ImageTextDataset", "ShardStream", "collate_samples", "expand_shards", "image_text_dataset",
+           "read_tar_samples", "resize_and_crop"]
 
-def expand_shards(shards: str | list[str]) -> list[str]:
-    """Shard specs -> list of URLs. A spec is a brace pattern (``/data/{00000..00099}.tar``); a string
-    may join several with ``::`` (webdataset's convention), or pass a list."""
+
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """Shard specs -> list of URLs. A spec is a brace pattern (``/data/{00000..00099}.tar``,
+    ``pipe:aws s3 cp s3://bucket/{000..999}.tar -``); a string may join several with ``::``
+    (webdataset's convention), or pass a list."""
     specs = shards.split("::") if isinstance(shards, str) else list(shards)
     urls = [url for spec in specs if spec.strip() for url in braceexpand.braceexpand(spec.strip())]
     if not urls:
         raise ValueError(f"shards={shards!r} names no shard; give a path pattern like '/data/{{00000..00099}}.tar'")
     return urls
+
+
+def expand_sources(
+    shards: str | Sequence[str] | Sequence[Sequence[str]], source_weights: Sequence[float] | None
+) -> tuple[list[list[str]], list[float]]:
+    """(URLs per source, normalised weights). Without ``source_weights`` all of ``shards`` is one
+    source; with them, ``shards`` is a list with one entry (a spec or a list of URLs) per weight."""
+    if source_weights is None:
+        return [expand_shards(shards)], [1.0]
+    weights = [float(w) for w in source_weights]
+    if isinstance(shards, str) or len(shards) != len(weights):
+        count = 1 if isinstance(shards, str) else len(shards)
+        raise ValueError(f"source_weights={list(weights)} gives {len(weights)} weight(s) for {count} shard source(s); "
+                         f"give one shard spec per weight, e.g. shards=['/a/{{0..9}}.tar', '/b/{{0..3}}.tar']")
+    if any(w < 0 or not np.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"source_weights={weights} must be >= 0 with a positive sum")
+    sources = [expand_shards(source) for source in shards]
+    return sources, [w / sum(weights) for w in weights]
 
 
 def distributed_rank_and_world_size() -> tuple[int, int]:
@@ -101,7 +127,7 @@ def read_tar_samples(
 
     def shard_error(reason: str, error: Exception) -> None:
         if count_shard_errors:
-            skip_counter.add(reason, f"{url}: {type(error).__name__}: {error}")
+            skip_counter.add(reason, f"{url}: {type(error).__name__}: {error}", shard=url)
 
     try:
         stream = _TailRecorder(gopen(url))
@@ -165,78 +191,70 @@ def _close_quietly(stream) -> None:
         pass
 
 
-def resize_and_crop(
-    image: Image.Image, resolution: int, rng: np.random.Generator | None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize the short side to ``resolution`` (bicubic, antialiased) and crop a square of that side:
-    at random when ``rng`` is given, else centred. Returns the crop and its (top, left) in the resized image."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    width, height = size
-    if rng is not None:
-        top, left = int(rng.integers(0, height - resolution + 1)), int(rng.integers(0, width - resolution + 1))
-    else:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels are put on white, as a browser shows them, not on whatever colour they hold.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-class ImageTextDataset(torch.utils.data.IterableDataset):
-    """Image-caption samples from WebDataset shards; see ``image_text_dataset``."""
+class ShardStream(torch.utils.data.IterableDataset):
+    """Samples of WebDataset shards split over ranks and workers, in one of two modes; subclasses
+    turn each raw tar sample into a training sample (``decode``). See ``image_text_dataset``."""
 
     def __init__(
         self,
-        shards: str | list[str],
-        resolution: int,
-        train: bool,
-        caption_dropout_prob: float = 0.0,
+        shards: str | Sequence[str] | Sequence[Sequence[str]],
+        mode: str,
+        augment: bool,
+        source_weights: Sequence[float] | None = None,
         shuffle_buffer: int = 1000,
         epoch_length: int | None = None,
         seed: int = 0,
         skip_counter: SkipCounter | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        filters: MetadataFilters | None = None,
+        caption_dropout_prob: float = 0.0,
+        max_skip_rate: float | None = None,
+        skip_rate_min_samples: int = 1000,
     ) -> None:
         super().__init__()
-        if resolution <= 0:
-            raise ValueError(f"resolution={resolution} must be a positive number of pixels, e.g. 256")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is unknown; choose 'resampled' (endless, for training) or "
+                             f"'exactly_once' (every sample once, for evaluation and precomputing)")
         if not 0.0 <= caption_dropout_prob <= 1.0:
             raise ValueError(f"caption_dropout_prob={caption_dropout_prob} must lie in [0, 1] (0.1 is usual)")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0 (0 turns the sample shuffle off)")
         if epoch_length is not None and epoch_length <= 0:
             raise ValueError(f"epoch_length={epoch_length} must be positive (samples per rank), or None for endless")
-        self.urls = expand_shards(shards)
+        if max_skip_rate is not None and not 0.0 < max_skip_rate <= 1.0:
+            raise ValueError(f"max_skip_rate={max_skip_rate} must lie in (0, 1] (e.g. 0.2), or None for no ceiling")
+        if skip_rate_min_samples < 1:
+            raise ValueError(f"skip_rate_min_samples={skip_rate_min_samples} must be >= 1")
+        self.sources, self.source_weights = expand_sources(shards, source_weights)
+        self.urls = [url for source in self.sources for url in source]
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
         if rank is None:
             rank, world_size = distributed_rank_and_world_size()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-        if train and len(self.urls) < world_size:
-            raise ValueError(
-                f"{len(self.urls)} training shard(s) cannot give each of {world_size} ranks its own shards; "
-                f"write at least {world_size} shards (e.g. fewer samples per shard) or train on fewer ranks"
-            )
-        self.resolution = resolution
-        self.train = train
-        self.caption_dropout_prob = caption_dropout_prob if train else 0.0
-        self.shuffle_buffer = shuffle_buffer if train else 0
-        self.epoch_length = epoch_length if train else None
+        if mode == "resampled":
+            for source in self.sources:
+                if len(source) < world_size:
+                    raise ValueError(
+                        f"{len(source)} training shard(s) ({source[0]}, ...) cannot give each of {world_size} ranks "
+                        f"its own shards; write at least {world_size} shards (e.g. fewer samples per shard) or "
+                        f"train on fewer ranks"
+                    )
+        self.mode = mode
+        self.augment = augment
+        self.caption_dropout_prob = caption_dropout_prob if augment else 0.0
+        self.shuffle_buffer = shuffle_buffer if mode == "resampled" else 0
+        self.epoch_length = epoch_length if mode == "resampled" else None
         self.seed = seed
         self.skip_counter = skip_counter
         self.rank, self.world_size = rank, world_size
+        self.filters = filters or MetadataFilters()
+        self.max_skip_rate = max_skip_rate
+        self.skip_rate_min_samples = skip_rate_min_samples
         self.epoch = 0  # advanced by each __iter__ in the process that runs it (persistent workers keep it)
 
     def set_epoch(self, epoch: int) -> None:
@@ -249,27 +267,31 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         self.epoch += 1
         counter = self.skip_counter if self.skip_counter is not None else SkipCounter()
         counter.take_new()  # counts from an earlier iteration were reported there
-        if self.train:
-            samples = self._train_samples(worker, num_workers, rng, counter)
+        if self.mode == "resampled":
+            samples = self._resampled_samples(worker, num_workers, rng, counter)
         else:
-            samples = self._eval_samples(worker, num_workers, counter)
+            samples = self._exactly_once_samples(worker, num_workers, counter)
+        samples = self._decoded(samples, rng if self.augment else None, counter, worker)
         samples = _attach_skip_counts(samples, counter)
         if self.epoch_length is not None:
             per_worker = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
             samples = itertools.islice(samples, per_worker)
         yield from samples
 
-    def _train_samples(
+    def _resampled_samples(
         self, worker: int, num_workers: int, rng: np.random.Generator, counter: SkipCounter
     ) -> Iterator[dict]:
-        rank_urls = self.urls[self.rank :: self.world_size]
-        # Workers take disjoint shards when the rank has enough; else each draws its own random
-        # order over all of them (seeded by worker), which is as good for an endless stream.
-        worker_urls = rank_urls[worker::num_workers] if len(rank_urls) >= num_workers else rank_urls
-        raw = self._endless_passes(worker_urls, rng, counter)
+        streams = []
+        for source in self.sources:
+            rank_urls = source[self.rank :: self.world_size]
+            # Workers take disjoint shards when the rank has enough; else each draws its own random
+            # order over all of them (seeded by worker), which is as good for an endless stream.
+            worker_urls = rank_urls[worker::num_workers] if len(rank_urls) >= num_workers else rank_urls
+            streams.append(self._endless_passes(worker_urls, rng, counter))
+        raw = streams[0] if len(streams) == 1 else _mixed(streams, self.source_weights, rng)
         if self.shuffle_buffer > 1:
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
-        return self._decoded(raw, rng, counter)
+        return raw
 
     def _endless_passes(self, urls: list[str], rng: np.random.Generator, counter: SkipCounter) -> Iterator[dict]:
         while True:
@@ -285,31 +307,28 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
                     f"skips so far: {counter.as_dict()}; check that the shard files are readable tar archives"
                 )
 
-    def _eval_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+    def _exactly_once_samples(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
         # Exactly once over all ranks and workers: split by shard where there are enough shards,
-        # else split the samples of the shared shards.
+        # else split the samples of the shared shards (sources are simply concatenated here).
         urls, rank_part, rank_parts = _split(self.urls, self.rank, self.world_size)
         urls, worker_part, worker_parts = _split(urls, worker, num_workers)
         part, num_parts = rank_part * worker_parts + worker_part, rank_parts * worker_parts
-        if not urls:
-            return iter(())
-
-        def raw_samples() -> Iterator[dict]:
-            index = 0
-            for url in urls:
-                for raw in read_tar_samples(url, counter, count_shard_errors=part == 0):
-                    if index % num_parts == part:
-                        yield raw
-                    index += 1
-
-        return self._decoded(raw_samples(), None, counter)
+        index = 0
+        for url in urls:
+            for raw in read_tar_samples(url, counter, count_shard_errors=part == 0):
+                if index % num_parts == part:
+                    yield raw
+                index += 1
 
     def _decoded(
-        self, raw_samples: Iterator[dict], rng: np.random.Generator | None, counter: SkipCounter
+        self, raw_samples: Iterator[dict], rng: np.random.Generator | None, counter: SkipCounter, worker: int
     ) -> Iterator[dict]:
         skipped_before_first = 0
+        start = (counter.damage_total, counter.shard_damage_total)
+        samples_read = 0
         for raw in raw_samples:
-            sample = self.decode(raw, rng, counter)
+            samples_read += 1
+            sample = self.decode_checked(raw, rng, counter)
             if sample is not None:
                 skipped_before_first = -1
                 yield sample
@@ -318,53 +337,111 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
                 if skipped_before_first >= MAX_SKIPS_BEFORE_FIRST_SAMPLE:
                     raise RuntimeError(
                         f"the first {skipped_before_first} samples read on rank {self.rank} were all skipped "
-                        f"({counter.as_dict()}); the shards look unusable: check their contents"
+                        f"({counter.as_dict()}); the shards look unusable: check their contents; "
+                        f"worst shards: {counter.worst_shards()}"
                     )
+            self._check_skip_rate(start, samples_read, counter, worker)
+        self._check_skip_rate(start, samples_read, counter, worker)
 
-    def decode(self, raw: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
-        """One raw tar sample -> a training sample; None (counted and warned) when it cannot be used.
-        ``rng`` given: random crop and caption dropout; None: centre crop, caption kept."""
-        key = raw["__key__"]
-        where = f"{raw['__url__']} {key}"
-        metadata = {}
+    def _check_skip_rate(self, start: tuple[int, int], samples_read: int, counter: SkipCounter, worker: int) -> None:
+        """Stop a run whose data is broken: damage skips over samples read, where a damaged sample
+        was read too and a bad shard (truncated, unreadable) counts as one more read."""
+        if self.max_skip_rate is None:
+            return
+        damaged = counter.damage_total - start[0]
+        seen = samples_read + counter.shard_damage_total - start[1]
+        if seen < self.skip_rate_min_samples or damaged <= self.max_skip_rate * seen:
+            return
+        raise RuntimeError(
+            f"data skip rate {damaged / seen:.1%} ({damaged} of {seen} samples/shards read by rank {self.rank}, "
+            f"worker {worker}) exceeds data.max_skip_rate={self.max_skip_rate}: the data looks broken. "
+            f"Skips by reason: {counter.as_dict()}. Worst shards: {counter.worst_shards()}. "
+            f"Fix or leave out those shards, or raise data.max_skip_rate"
+        )
+
+    def decode_checked(self, raw: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
+        """Parse the JSON, choose a caption, apply the metadata filters, then ``decode``; None when skipped."""
+        key, url = raw["__key__"], raw["__url__"]
+        where = f"{url} {key}"
+        metadata: dict = {}
         if "json" in raw:
             try:
                 metadata = json.loads(raw["json"])
                 if not isinstance(metadata, dict):
                     raise ValueError(f"expected a JSON object, got {type(metadata).__name__}")
             except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                counter.add("invalid_json", f"{where}: {error}")
+                counter.add("invalid_json", f"{where}: {error}", shard=url)
                 return None
-        caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
-        if not caption and isinstance(metadata.get("caption"), str):
-            caption = metadata["caption"].strip()
-        if not caption:
-            counter.add("missing_caption", where)
+        candidates = caption_candidates(raw.get("txt"), metadata)
+        if not candidates:
+            counter.add("missing_caption", where, shard=url)
             return None
-        extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-        if extension is None:
-            counter.add("missing_image", f"{where} has no {'/'.join(IMAGE_EXTENSIONS)} file")
+        caption = choose_caption(candidates, rng)
+        reason = self.filters.rejects_metadata(metadata, caption)
+        if reason is not None:
+            counter.add(reason, where, shard=url)
             return None
-        try:
-            with Image.open(io.BytesIO(raw[extension])) as image:
-                original_size = (image.height, image.width)
-                # JPEG: decode at a power-of-two reduction that stays at or above the target size.
-                image.draft("RGB", (self.resolution, self.resolution))
-                image = _to_rgb(image)
-        except Exception as error:  # PIL raises many types for corrupt or truncated files
-            counter.add("corrupt_image", f"{where}: {type(error).__name__}: {error}")
+        sample = self.decode(raw, metadata, rng, counter)
+        if sample is None:
             return None
-        image, crop_coords = resize_and_crop(image, self.resolution, rng)
         if rng is not None and self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return {
-            "image": pixels.float() / 127.5 - 1.0,
-            "caption": caption,
-            "key": key,
+        return {**sample, "caption": caption, "key": key}
+
+    def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
+        """The tensors of one raw tar sample; None (counted) when it cannot be used. Subclasses define it."""
+        raise NotImplementedError
+
+
+class ImageTextDataset(ShardStream):
+    """Image-caption samples from WebDataset shards; see ``image_text_dataset``."""
+
+    def __init__(self, shards, resolution: int, train: bool, mode: str | None = None, random_crop: bool = True,
+                 random_flip: bool = False, keep_metadata: bool = False, **stream_options) -> None:
+        if resolution <= 0:
+            raise ValueError(f"resolution={resolution} must be a positive number of pixels, e.g. 256")
+        mode = mode or ("resampled" if train else "exactly_once")
+        super().__init__(shards, mode, augment=train, **stream_options)
+        self.resolution = resolution
+        self.train = train
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.keep_metadata = keep_metadata
+
+    def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
+        """Image bytes -> ``{"image", "original_size", "crop_coords"}``; ``rng`` given: random crop and flip."""
+        url = raw["__url__"]
+        where = f"{url} {raw['__key__']}"
+        extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if extension is None:
+            counter.add("missing_image", f"{where} has no {'/'.join(IMAGE_EXTENSIONS)} file", shard=url)
+            return None
+        try:
+            with open_image(raw[extension]) as image:
+                if self.filters.needs_image_size(metadata) and self.filters.rejects_size(*image.size):
+                    counter.add("filtered_size", where, shard=url)
+                    return None
+                original_size = (image.height, image.width)
+                image = decode_rgb(image, self.resolution)
+        except Exception as error:  # PIL raises many types for corrupt or truncated files
+            counter.add("corrupt_image", f"{where}: {type(error).__name__}: {error}", shard=url)
+            return None
+        image, crop_coords = resize_and_crop(image, self.resolution, rng if self.random_crop else None)
+        flip = rng is not None and self.random_flip and rng.random() < 0.5
+        sample = {
+            "image": to_tensor(image, flip=flip),
             "original_size": torch.tensor(original_size, dtype=torch.long),
             "crop_coords": torch.tensor(crop_coords, dtype=torch.long),
         }
+        if self.keep_metadata:  # for tools that rewrite the shards (precompute_latents)
+            sample["json"] = metadata
+        return sample
+
+
+def _mixed(streams: list[Iterator[dict]], weights: list[float], rng: np.random.Generator) -> Iterator[dict]:
+    """Endless streams mixed sample by sample: each next sample comes from stream i with probability weights[i]."""
+    while True:
+        yield next(streams[int(rng.choice(len(streams), p=weights))])
 
 
 def _buffer_shuffle(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -396,7 +473,7 @@ def _attach_skip_counts(samples: Iterator[dict], counter: SkipCounter) -> Iterat
 
 
 def image_text_dataset(
-    shards: str | list[str],
+    shards: str | Sequence[str] | Sequence[Sequence[str]],
     resolution: int,
     train: bool,
     caption_dropout_prob: float = 0.0,
@@ -406,31 +483,50 @@ def image_text_dataset(
     skip_counter: SkipCounter | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    *,
+    mode: str | None = None,
+    source_weights: Sequence[float] | None = None,
+    filters: MetadataFilters | None = None,
+    random_crop: bool = True,
+    random_flip: bool = False,
+    max_skip_rate: float | None = None,
+    skip_rate_min_samples: int = 1000,
 ) -> ImageTextDataset:
     """Image-caption samples from WebDataset shards, as an IterableDataset for a DataLoader.
 
     Each sample: ``{"image": (3, resolution, resolution) float in [-1, 1], "caption": str, "key": str,
     "original_size": (2,) long (h, w) before resizing, "crop_coords": (2,) long (top, left) of the crop
-    in the resized image, "skipped": {reason: count} dropped by this worker since its previous sample}``.
-    Images: short side resized to ``resolution``, then a square crop (random when ``train``, else centred).
-    Captions: ``KEY.txt``, else ``"caption"`` in ``KEY.json``, stripped.
+    in the resized image (before any flip), "skipped": {reason: count} dropped by this worker since its
+    previous sample}``. Images: JPEGs decoded in draft mode (see ``decode_rgb``), short side resized
+    to ``resolution``, then a square crop (random when ``train`` and ``random_crop``, else centred),
+    mirrored with probability 1/2 when ``train`` and ``random_flip``. Captions: a JSON ``captions``
+    list (one drawn at random when ``train``, else the first), else ``KEY.txt``, else the JSON
+    ``caption``; with ``train``, replaced by "" with probability ``caption_dropout_prob``.
+    ``filters`` leave out samples by their JSON metadata (see ``MetadataFilters``), counted as ``filtered_*``.
 
-    ``train=True``: this rank's own shards (``shards[rank::world_size]``, disjoint across ranks; an
-    error if there are fewer shards than ranks), read in endless reshuffled passes by each worker,
-    through a ``shuffle_buffer``-sample shuffle, with caption dropout, cut to ``epoch_length`` samples
-    per rank (the same number of batches on every rank, so DDP ranks stay in step; None: endless).
-    Random choices are seeded by (seed, rank, worker, epoch) and reproducible.
-    ``train=False``: every sample once over all ranks and workers, in shard order, no randomness.
+    ``mode="resampled"`` (default when ``train``): each source's shards are split by rank
+    (``source[rank::world_size]``, disjoint; an error if a source has fewer shards than ranks) then by
+    worker, read in endless reshuffled passes, sources mixed sample by sample with ``source_weights``
+    (then ``shards`` holds one spec per source), through a ``shuffle_buffer``-sample shuffle, cut to
+    ``epoch_length`` samples per rank (the same number of batches on every rank, so DDP ranks stay in
+    step; None: endless). Random choices are seeded by (seed, rank, worker, epoch) and reproducible.
+    ``mode="exactly_once"`` (default otherwise): every sample once over all ranks and workers, in
+    shard order; ranks may get different numbers of samples.
 
     Bad data never stops the stream: corrupt images, missing captions, invalid JSON, truncated tars
     and unreadable shards are skipped, counted in ``skip_counter`` (in the process that iterates; with
     dataloader workers use ``batch["skipped"]`` from ``collate_samples``) and the first few of each
-    reason are logged. ``rank``/``world_size`` default to torch.distributed, else env RANK/WORLD_SIZE,
-    read when the dataset is built.
+    reason are logged. Unless ``max_skip_rate`` is None, a worker that has read at least
+    ``skip_rate_min_samples`` samples and skipped more than that fraction for damage raises a
+    RuntimeError naming the worst shards and reasons. ``rank``/``world_size`` default to
+    torch.distributed, else env RANK/WORLD_SIZE, read when the dataset is built.
     """
     return ImageTextDataset(
-        shards, resolution, train, caption_dropout_prob, shuffle_buffer, epoch_length, seed, skip_counter,
-        rank, world_size,
+        shards, resolution, train, mode=mode, random_crop=random_crop, random_flip=random_flip,
+        source_weights=source_weights, shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, seed=seed,
+        skip_counter=skip_counter, rank=rank, world_size=world_size, filters=filters,
+        caption_dropout_prob=caption_dropout_prob, max_skip_rate=max_skip_rate,
+        skip_rate_min_samples=skip_rate_min_samples,
     )
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_weights
+from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.pretrained import load_pretrained
@@ -112,9 +113,26 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
         posterior = self.vae.encode(images)
         latents = posterior.sample() if self.sample_posterior else posterior.mode()
+        return self.scale_latents(latents)
+
+    def scale_latents(self, latents: Tensor) -> Tensor:
+        """Unscaled latents (B, C, h, w) -> times ``latent_scale_factor`` (measured here if unknown)."""
         if torch.isnan(self.latent_scale_factor):
             self._measure_latent_scale_factor(latents)
         return latents * self.latent_scale_factor
+
+    def batch_latents(self, batch: dict[str, Any]) -> Tensor:
+        """Scaled latents (B, C, h, w): drawn from a precomputed posterior (``data=latents`` batches
+        carry ``latent_mean``/``latent_std``, no VAE call), else the VAE encoding of ``batch["image"]``."""
+        if "latent_mean" in batch:
+            return self.scale_latents(sample_latents(batch["latent_mean"], batch["latent_std"], self.sample_posterior))
+        return self.encode_images(batch["image"])
+
+    def batch_context(self, batch: dict[str, Any]) -> Tensor:
+        """Context (B, L, D): precomputed ``text_states`` when the batch has them, else the text encoder's."""
+        if "text_states" in batch:
+            return precomputed_context(batch["text_states"], batch["caption"], self.encode_captions)
+        return self.encode_captions(batch["caption"])
 
     def _measure_latent_scale_factor(self, latents: Tensor) -> None:
         """Set the scale factor to 1/std of these latents, averaged over ranks so all agree."""
@@ -146,8 +164,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        latents = self.encode_images(batch["image"])
-        context = self.encode_captions(batch["caption"])
+        latents = self.batch_latents(batch)
+        context = self.batch_context(batch)
         loss = self.diffusion_loss(latents, context)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log_skip_counts(batch)
@@ -160,8 +178,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Loss at timesteps and noise fixed by the batch index, so values compare across validations."""
         generator = torch.Generator(self.device).manual_seed(10_000 + batch_idx)
-        latents = self.encode_images(batch["image"])
-        context = self.encode_captions(batch["caption"])
+        latents = self.batch_latents(batch)
+        context = self.batch_context(batch)
         loss = self.diffusion_loss(latents, context, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=latents.shape[0])
         return loss

@@ -78,3 +78,72 @@ def test_a_corrupt_image_is_skipped_counted_and_the_run_goes_on(tmp_path):
     totals = [float(r[c]) for r in rows for c in skip_columns if r.get(c)]
     assert max(totals) >= 1
     assert "skip" in (result.stderr + result.stdout).lower()
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory) -> tuple[str, str]:
+    """3 training shards of 40, 40 and 24 samples and 3 validation shards of 20, 20 and 12: split by rank,
+    rank 0 gets 64 training and 32 validation samples, rank 1 only 40 and 20."""
+    from ldm.data.synthetic import write_synthetic_shards
+
+    directory = tmp_path_factory.mktemp("odd")
+    write_synthetic_shards(directory, num_samples=104, samples_per_shard=40, seed=1, split="train")
+    write_synthetic_shards(directory, num_samples=52, samples_per_shard=20, seed=1, split="val")
+    return str(directory / "train-{000000..000002}.tar"), str(directory / "val-{000000..000002}.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("train_mode", "steps_per_epoch"), [("resampled", 6), ("exactly_once", 5)])
+def test_ddp_over_an_odd_number_of_shards_finishes_in_each_mode(tmp_path, odd_shards, train_mode, steps_per_epoch):
+    """Ranks with uneven shares never hang or fall out of step over 2 epochs: resampled epochs are 48 samples
+    (6 batches) on every rank by construction; exactly-once epochs end on both ranks when rank 1 runs out
+    (5 batches of its 40 samples; without that, rank 0 waits for a 6th gradient all-reduce and the run
+    fails). Validation reads every sample once, with 4 batches on rank 0 and 3 on rank 1."""
+    train_spec, val_spec = odd_shards
+    result = run_train(tmp_path, [
+        "experiment=demo_vae", "data=shards", "trainer=ddp", "trainer.max_steps=-1", "trainer.max_epochs=2",
+        "trainer.val_check_interval=4", "trainer.limit_val_batches=1.0", "logger=csv",
+        f"data.train_shards='{train_spec}'", f"data.val_shards='{val_spec}'", f"data.train_mode={train_mode}",
+        "data.resolution=32", "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1",
+        "data.train_epoch_length=48", "data.shuffle_buffer=16",
+    ], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = tmp_path.glob("outputs/train/demo_vae/*/csv/version_0/metrics.csv")
+    import csv
+
+    with metrics.open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    steps_by_epoch = {}
+    for row in rows:
+        steps_by_epoch.setdefault(int(row["epoch"]), set()).add(int(row["step"]))
+    assert {epoch: len(steps) for epoch, steps in steps_by_epoch.items()} == {0: steps_per_epoch, 1: steps_per_epoch}
+
+
+@pytest.mark.slow
+def test_train_py_with_data_latents_trains_from_precomputed_latents(tmp_path, odd_shards):
+    """precompute_latents with the VAE the model loads, then `python train.py data=latents` runs to the end."""
+    import torch
+
+    from ldm.checkpoints import save_weights
+    from ldm.tools import precompute_latents
+
+    train_spec, val_spec = odd_shards
+    vae, _, _ = precompute_latents.build(str(ROOT / "configs/model/vae/tiny.yaml"))
+    weights = str(save_weights(vae, tmp_path / "vae.safetensors", {"latent_scale_factor": 0.8}))
+    for spec, name in ((train_spec, "train"), (val_spec, "val")):
+        precompute_latents.main(["--shards", spec, "--out-dir", str(tmp_path / "latents"), "--resolution", "32",
+                                 "--vae", str(ROOT / "configs/model/vae/tiny.yaml"), "--vae-weights", weights,
+                                 "--text-encoder", str(ROOT / "configs/model/text_encoder/tiny.yaml")])
+    latents = tmp_path / "latents"
+    result = run_train(tmp_path, [
+        "experiment=demo", "data=latents", f"model.vae_weights={weights}", "callbacks=default", "logger=csv",
+        f"data.train_shards='{latents}/train-{{000000..000002}}.tar'",
+        f"data.val_shards='{latents}/val-{{000000..000002}}.tar'", "data.use_text_states=true",
+        "data.resolution=32", "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1",
+        "data.train_epoch_length=16", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+    ], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/train/demo/*/checkpoints/last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and float(state["state_dict"]["latent_scale_factor"]) == pytest.approx(0.8)

@@ -1,0 +1,129 @@
+"""Precomputed latent shards: writing them, and reading them as a training stream with no VAE encode.
+
+A latent shard keeps the keys, captions and JSON of its image shard; per sample:
+``KEY.latent_mean.npy`` and ``KEY.latent_std.npy`` (the VAE posterior, (C, h, w) float16, unscaled,
+so training still draws ``mean + std * eps`` like the VAE path), optionally ``KEY.text_states.npy``
+(the frozen text encoder's output for the caption, (L, D) float16), ``KEY.txt`` and ``KEY.json``
+(the image's metadata plus ``original_size`` and ``crop_coords``). A folder of latent shards holds
+``latents.json``: the VAE and text encoder configs and the resolution they were made with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ldm.data.shards import ShardStream
+from ldm.data.skips import SkipCounter
+
+MANIFEST_NAME = "latents.json"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as .npy bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """.npy bytes -> array; never unpickles (a shard cannot run code)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def latent_sample_files(
+    key: str,
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    caption: str,
+    metadata: dict,
+    text_states: torch.Tensor | None = None,
+) -> dict[str, bytes | str]:
+    """One latent sample as webdataset ``TarWriter`` fields. latent_mean/std: (C, h, w); text_states: (L, D)."""
+    files: dict[str, bytes | str] = {
+        "__key__": key,
+        "latent_mean.npy": npy_bytes(latent_mean.detach().float().cpu().numpy().astype(np.float16)),
+        "latent_std.npy": npy_bytes(latent_std.detach().float().cpu().numpy().astype(np.float16)),
+        "txt": caption.encode(),
+        "json": json.dumps(metadata, sort_keys=True, default=str).encode(),
+    }
+    if text_states is not None:
+        files["text_states.npy"] = npy_bytes(text_states.detach().float().cpu().numpy().astype(np.float16))
+    return files
+
+
+class LatentTextDataset(ShardStream):
+    """Latent-caption samples from latent shards; the modes, sources, filters, caption choice and
+    dropout, skip counting and skip-rate ceiling are those of ``ShardStream``.
+
+    Each sample: ``{"latent_mean", "latent_std": (C, h, w) float32, "caption": str, "key": str,
+    "original_size", "crop_coords": (2,) long, ["text_states": (L, D) float32 when use_text_states],
+    "skipped": {reason: count}}``. A sample whose arrays are unreadable, of another shape than the
+    stream's first, or lacking text states that ``use_text_states`` asks for, is skipped as ``corrupt_latent``.
+    """
+
+    def __init__(self, shards: str | Sequence[str] | Sequence[Sequence[str]], train: bool, mode: str | None = None,
+                 use_text_states: bool = False, **stream_options) -> None:
+        super().__init__(shards, mode or ("resampled" if train else "exactly_once"), augment=train, **stream_options)
+        self.use_text_states = use_text_states
+        self._shapes: tuple | None = None
+
+    def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
+        """Latent arrays -> tensors; None (counted as ``corrupt_latent``) when unusable."""
+        url = raw["__url__"]
+        where = f"{url} {raw['__key__']}"
+        names = ["latent_mean.npy", "latent_std.npy"] + (["text_states.npy"] if self.use_text_states else [])
+        missing = [name for name in names if name not in raw]
+        if missing:
+            counter.add("corrupt_latent", f"{where} has no {', '.join(missing)} (made without --text-encoder?)",
+                        shard=url)
+            return None
+        try:
+            arrays = [load_npy(raw[name]) for name in names]
+        except Exception as error:  # truncated or not .npy
+            counter.add("corrupt_latent", f"{where}: {type(error).__name__}: {error}", shard=url)
+            return None
+        shapes = tuple(array.shape for array in arrays)
+        if self._shapes is None:
+            self._shapes = shapes
+        if shapes != self._shapes or not all(np.isfinite(array).all() for array in arrays):
+            counter.add("corrupt_latent", f"{where}: shapes {shapes} (expected {self._shapes}) or non-finite values",
+                        shard=url)
+            return None
+        sample = {
+            "latent_mean": torch.from_numpy(arrays[0].astype(np.float32)),
+            "latent_std": torch.from_numpy(arrays[1].astype(np.float32)),
+            "original_size": torch.tensor(metadata.get("original_size", [0, 0]), dtype=torch.long),
+            "crop_coords": torch.tensor(metadata.get("crop_coords", [0, 0]), dtype=torch.long),
+        }
+        if self.use_text_states:
+            sample["text_states"] = torch.from_numpy(arrays[2].astype(np.float32))
+        return sample
+
+
+def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, sample_posterior: bool = True) -> torch.Tensor:
+    """Unscaled latents (B, C, h, w) from a stored posterior: ``mean + std * eps``, or the mean."""
+    if not sample_posterior:
+        return latent_mean
+    return latent_mean + latent_std * torch.randn_like(latent_mean)
+
+
+def precomputed_context(
+    text_states: torch.Tensor, captions: Sequence[str], encode_captions
+) -> torch.Tensor:
+    """Context (B, L, D) from precomputed text states; rows whose caption was dropped ("", for
+    classifier-free guidance) get the empty caption's states from ``encode_captions([""])``."""
+    dropped = [index for index, caption in enumerate(captions) if caption == ""]
+    if not dropped:
+        return text_states
+    empty = encode_captions([""]).to(text_states.dtype)
+    if empty.shape[1:] != text_states.shape[1:]:
+        raise ValueError(f"precomputed text states {tuple(text_states.shape[1:])} differ from the text encoder's "
+                         f"output {tuple(empty.shape[1:])}: precompute the latents with model.text_encoder's config")
+    context = text_states.clone()
+    context[dropped] = empty[0]
+    return context

@@ -1,0 +1,160 @@
+"""Turn a folder of images with sidecar captions, or a CSV of paths and captions, into WebDataset shards.
+
+    python -m ldm.tools.make_shards --images-dir photos/ --out-dir shards/ --samples-per-shard 10000
+    python -m ldm.tools.make_shards --csv captions.csv --path-column file --caption-column text --out-dir shards/
+
+Output in img2dataset's layout: ``OUT/00000.tar, 00001.tar, ...``, each sample ``KEY.jpg|png|webp``
+(the original bytes; other formats re-encoded as JPEG), ``KEY.txt`` (caption) and ``KEY.json``
+(key, caption, status, width, height, original_width, original_height, url = the source path, any
+sidecar ``NAME.json`` fields or other CSV columns), KEY = 5-digit shard index + index in the shard.
+Folder mode: ``NAME.jpg`` takes its caption from ``NAME.txt`` beside it. Images that cannot be read
+and images without a caption are skipped and counted. Parquet input needs pyarrow (not installed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def folder_records(images_dir: str | Path) -> Iterator[dict]:
+    """(path, caption, extra metadata) records of the images under ``images_dir`` with sidecar captions,
+    sorted by path; an image without a ``.txt`` gets caption None (skipped later, counted)."""
+    for path in sorted(p for p in Path(images_dir).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        caption_file, metadata_file = path.with_suffix(".txt"), path.with_suffix(".json")
+        caption = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else None
+        extra = {}
+        if metadata_file.exists():
+            try:
+                extra = json.loads(metadata_file.read_text())
+            except ValueError:
+                extra = {}
+        yield {"path": path, "caption": caption, "extra": extra if isinstance(extra, dict) else {}}
+
+
+def table_records(rows: Iterable[dict], base_dir: Path, path_column: str, caption_column: str) -> Iterator[dict]:
+    """Records from table rows (CSV or Parquet); relative paths are taken from ``base_dir``."""
+    for number, row in enumerate(rows):
+        if path_column not in row or caption_column not in row:
+            raise ValueError(f"row {number} has columns {sorted(row)}; set --path-column and --caption-column "
+                             f"(now {path_column!r}, {caption_column!r})")
+        path = Path(str(row[path_column]))
+        caption = row[caption_column]
+        extra = {k: v for k, v in row.items() if k not in (path_column, caption_column)}
+        yield {"path": path if path.is_absolute() else base_dir / path,
+               "caption": str(caption).strip() if caption is not None else None, "extra": extra}
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a CSV (header line) or Parquet file as dicts."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError as error:
+            raise SystemExit(f"{path} is Parquet, which needs pyarrow: pip install pyarrow, or give a CSV") from error
+        return parquet.read_table(path).to_pylist()
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def image_entry(path: Path) -> tuple[str, bytes, int, int]:
+    """(extension, bytes, width, height) of an image file: original bytes for JPEG/PNG/WebP, else JPEG."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decodes the whole file: a truncated or corrupt image fails here, not in training
+        width, height = image.size
+        extension = FORMAT_EXTENSIONS.get(image.format)
+        if extension is None:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=95)
+            data, extension = buffer.getvalue(), "jpg"
+    return extension, data, width, height
+
+
+def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 10_000) -> dict:
+    """Write records to ``out_dir/{00000..}.tar``; returns ``{"samples", "shards", "skipped": {reason: count}}``."""
+    if samples_per_shard <= 0:
+        raise ValueError(f"--samples-per-shard {samples_per_shard} must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digits = max(4, len(str(samples_per_shard - 1)))
+    skipped: Counter[str] = Counter()
+    written, shard_paths = 0, []
+    writer, temporary, target = None, None, None
+
+    def finish() -> None:
+        if writer is not None:
+            writer.close()
+            os.replace(temporary, target)
+            shard_paths.append(target)
+
+    for record in records:
+        if not record["caption"]:
+            skipped["missing_caption"] += 1
+            continue
+        try:
+            extension, data, width, height = image_entry(Path(record["path"]))
+        except FileNotFoundError:
+            skipped["missing_image"] += 1
+            continue
+        except Exception:  # PIL raises many types for corrupt files
+            skipped["corrupt_image"] += 1
+            continue
+        shard, index = divmod(written, samples_per_shard)
+        if index == 0:
+            finish()
+            target = out_dir / f"{shard:05d}.tar"
+            temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            writer = wds.TarWriter(str(temporary), encoder=False)
+        key = f"{shard:05d}{index:0{digits}d}"
+        metadata = {**record["extra"], "key": key, "caption": record["caption"], "status": "success",
+                    "url": str(record["path"]), "width": width, "height": height,
+                    "original_width": width, "original_height": height}
+        writer.write({"__key__": key, extension: data, "txt": record["caption"].encode(),
+                      "json": json.dumps(metadata, sort_keys=True, default=str).encode()})
+        written += 1
+    finish()
+    return {"samples": written, "shards": len(shard_paths), "skipped": dict(skipped),
+            "shard_spec": str(out_dir / f"{{00000..{max(len(shard_paths) - 1, 0):05d}}}.tar")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images-dir", help="a folder of images with NAME.txt captions beside them")
+    source.add_argument("--csv", help="a CSV (or .parquet) file with image paths and captions")
+    parser.add_argument("--path-column", default="path")
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    if args.images_dir:
+        if not Path(args.images_dir).is_dir():
+            raise SystemExit(f"--images-dir {args.images_dir} is not a folder")
+        records = folder_records(args.images_dir)
+    else:
+        table = Path(args.csv)
+        if not table.is_file():
+            raise SystemExit(f"--csv {table} does not exist")
+        records = table_records(read_table(table), table.parent, args.path_column, args.caption_column)
+    summary = write_shards(records, args.out_dir, args.samples_per_shard)
+    print(json.dumps(summary, indent=2))
+    if summary["samples"] == 0:
+        raise SystemExit("no sample was written: check the captions and image paths")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Encode image shards with the frozen VAE (and optionally the text encoder) into latent shards.
+
+    python -m ldm.tools.precompute_latents --shards '/data/laion/{00000..09999}.tar' \
+        --out-dir /data/laion-latents-256 --vae configs/model/vae/sd.yaml --vae-weights sd-vae.safetensors \
+        --resolution 256 --batch-size 64 --device cuda [--text-encoder configs/model/text_encoder/openclip_vit_h14.yaml]
+
+Each input shard gives one output shard of the same name with the same keys, captions and JSON
+(see ``ldm.data.latents``): the posterior mean and std (so training still samples), centre crop at
+``--resolution``. Split over processes or GPUs by shard ranges with ``--num-parts N --part I``
+(default: env WORLD_SIZE and RANK; the device defaults to cuda:LOCAL_RANK); part I takes the I-th
+contiguous range. Re-running resumes: finished output shards are skipped, each is written under a
+temporary name and renamed when whole. An unreadable input shard writes nothing (so a re-run
+retries it) and makes the exit status 1. Train on the result with ``data=latents``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import webdataset as wds
+from omegaconf import OmegaConf
+from torch import nn
+
+from ldm.checkpoints import load_weights
+from ldm.data.filters import MetadataFilters
+from ldm.data.latents import MANIFEST_NAME, latent_sample_files
+from ldm.data.shards import ImageTextDataset, collate_samples, expand_shards
+from ldm.data.skips import SkipCounter
+
+logger = logging.getLogger("ldm.tools.precompute_latents")
+
+
+def output_name(url: str) -> str:
+    """The output shard's file name: the input's ``NAME.tar`` (also inside a ``pipe:`` command)."""
+    names = re.findall(r"([^/\s'\"]+\.tar)(?:\b|$)", url)
+    if not names:
+        raise ValueError(f"cannot name an output shard for {url!r}: no NAME.tar in it")
+    return names[-1]
+
+
+def part_range(num_items: int, part: int, num_parts: int) -> range:
+    """The ``part``-th of ``num_parts`` contiguous, near-equal ranges of ``num_items``."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part {part} must lie in [0, --num-parts {num_parts})")
+    return range(num_items * part // num_parts, num_items * (part + 1) // num_parts)
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``latents.json``, or check that the existing one says the same (no mixing of VAEs)."""
+    path = out_dir / MANIFEST_NAME
+    if path.exists():
+        existing = json.loads(path.read_text())
+        differing = sorted(key for key in {*existing, *manifest} if existing.get(key) != manifest.get(key))
+        if differing:
+            shown = "; ".join(f"{key}: {existing.get(key)!r} there, {manifest.get(key)!r} now" for key in differing)
+            raise ValueError(f"{path} was written with other settings ({shown}); use another --out-dir, or the "
+                             f"same VAE, VAE weights, text encoder and resolution")
+        return
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+@torch.no_grad()
+def encode_shard(
+    url: str,
+    target: Path,
+    vae: nn.Module,
+    resolution: int,
+    batch_size: int,
+    device: torch.device,
+    text_encoder: nn.Module | None = None,
+    filters: MetadataFilters | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> SkipCounter:
+    """Encode one image shard into ``target`` (written whole or not at all); returns its skip counts.
+    Nothing is written when the shard could not be opened (``unreadable_shard``)."""
+    counter = SkipCounter()
+    dataset = ImageTextDataset(url, resolution, train=False, keep_metadata=True, skip_counter=counter, rank=0,
+                               world_size=1, filters=filters)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with wds.TarWriter(str(temporary), encoder=False) as writer:
+        for batch in loader:
+            with autocast:
+                posterior = vae.encode(batch["image"].to(device))
+                text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
+            for index, key in enumerate(batch["key"]):
+                metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
+                            "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
+                writer.write(latent_sample_files(
+                    key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
+                    text_states[index] if text_states is not None else None,
+                ))
+    if counter.samples_skipped_by_reason["unreadable_shard"]:
+        temporary.unlink(missing_ok=True)
+    else:
+        os.replace(temporary, target)
+    return counter
+
+
+def precompute_latents(
+    shards: str | Sequence[str],
+    out_dir: str | Path,
+    vae: nn.Module,
+    resolution: int,
+    manifest: dict[str, Any],
+    batch_size: int = 32,
+    part: int = 0,
+    num_parts: int = 1,
+    device: str | torch.device = "cpu",
+    text_encoder: nn.Module | None = None,
+    filters: MetadataFilters | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Encode this part's range of ``shards`` into ``out_dir``; returns a summary
+    ``{"written", "already_done", "failed": [urls], "skipped": {reason: count}}``."""
+    urls = expand_shards(shards)
+    names = [output_name(url) for url in urls]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"several input shards share the output names {duplicates[:3]}; give one source per "
+                         f"--out-dir, or shards with distinct file names")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_dir, manifest)
+    device = torch.device(device)
+    vae.to(device).eval().requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.to(device).eval().requires_grad_(False)
+    summary: dict[str, Any] = {"written": 0, "already_done": 0, "failed": [], "skipped": {}}
+    skipped = SkipCounter(warn_limit=0)
+    for index in part_range(len(urls), part, num_parts):
+        target = out_dir / names[index]
+        if target.exists():
+            summary["already_done"] += 1
+            continue
+        started = time.perf_counter()
+        counter = encode_shard(urls[index], target, vae, resolution, batch_size, device, text_encoder, filters,
+                               autocast_dtype)
+        skipped.update(counter.as_dict())
+        if target.exists():
+            summary["written"] += 1
+            logger.info("%s -> %s in %.1f s (skipped: %s)", urls[index], target, time.perf_counter() - started,
+                        counter.as_dict())
+        else:
+            summary["failed"].append(urls[index])
+    summary["skipped"] = skipped.as_dict()
+    return summary
+
+
+def build(config_path: str | None, weights: str | None = None) -> tuple[nn.Module | None, dict | None, dict]:
+    """(module, its config as a dict, its weights file's metadata) from a ``_target_`` YAML preset."""
+    if config_path is None:
+        return None, None, {}
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    module = hydra.utils.instantiate(config)
+    metadata = load_weights(module, weights) if weights else {}
+    return module, config, metadata
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", required=True, help="input shards, brace pattern (or several joined by ::)")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--vae", required=True, help="VAE config preset, e.g. configs/model/vae/sd.yaml")
+    parser.add_argument("--vae-weights", default=None, help="safetensors weights of that VAE")
+    parser.add_argument("--text-encoder", default=None, help="text encoder config preset: also store its output")
+    parser.add_argument("--text-encoder-weights", default=None)
+    parser.add_argument("--resolution", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-parts", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--part", type=int, default=int(os.environ.get("RANK", 0)))
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="encode under autocast")
+    parser.add_argument("--min-width", type=int, default=None, help="leave out images narrower than this")
+    parser.add_argument("--min-height", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    vae, vae_config, vae_metadata = build(args.vae, args.vae_weights)
+    text_encoder, text_config, _ = build(args.text_encoder, args.text_encoder_weights)
+    manifest = {
+        "format": 1, "resolution": args.resolution, "vae": vae_config, "vae_weights": args.vae_weights,
+        "latent_scale_factor": float(vae_metadata["latent_scale_factor"]) if "latent_scale_factor" in vae_metadata
+        else None,
+        "text_encoder": text_config, "text_encoder_weights": args.text_encoder_weights,
+    }
+    summary = precompute_latents(
+        args.shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=args.part,
+        num_parts=args.num_parts, device=device, text_encoder=text_encoder,
+        filters=MetadataFilters(min_width=args.min_width, min_height=args.min_height),
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast],
+    )
+    print(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        raise SystemExit(f"{len(summary['failed'])} shard(s) could not be read ({summary['failed'][:3]}); "
+                         f"re-run the same command to retry them (finished shards are skipped)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Precomputed latents: the tool writes the VAE posterior with the same keys and captions, resumes, splits
+by parts; data=latents batches train LatentDiffusion with no VAE encode."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ldm.checkpoints import save_weights
+from ldm.config import instantiate_module
+from ldm.data.datamodule import LatentShardDataModule
+from ldm.data.latents import load_npy, precomputed_context
+from ldm.data.shards import image_text_dataset
+from ldm.data.synthetic import write_synthetic_shards
+from ldm.tools import precompute_latents as tool
+
+ROOT = Path(__file__).resolve().parents[2]
+VAE = str(ROOT / "configs/model/vae/tiny.yaml")
+TEXT = str(ROOT / "configs/model/text_encoder/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory) -> list[Path]:
+    """3 shards of 8, 8 and 4 samples (32 px)."""
+    return write_synthetic_shards(tmp_path_factory.mktemp("images"), num_samples=20, samples_per_shard=8, seed=7)
+
+
+@pytest.fixture(scope="module")
+def vae_weights(tmp_path_factory) -> str:
+    torch.manual_seed(3)
+    vae, _, _ = tool.build(VAE)
+    return str(save_weights(vae, tmp_path_factory.mktemp("vae") / "vae.safetensors", {"latent_scale_factor": 0.5}))
+
+
+@pytest.fixture(scope="module")
+def latent_dir(image_shards, vae_weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    spec = str(image_shards[0].parent / "train-{000000..000002}.tar")
+    tool.main(["--shards", spec, "--out-dir", str(out), "--vae", VAE, "--vae-weights", vae_weights,
+               "--text-encoder", TEXT, "--resolution", "32", "--batch-size", "5", "--device", "cpu"])
+    return out
+
+
+def members(shard: Path) -> dict[str, bytes]:
+    with tarfile.open(shard) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_latent_shards_keep_keys_captions_and_store_the_posterior(image_shards, latent_dir, vae_weights):
+    assert sorted(p.name for p in latent_dir.glob("*.tar")) == [p.name for p in image_shards]
+    manifest = json.loads((latent_dir / "latents.json").read_text())
+    assert manifest["resolution"] == 32 and manifest["vae"]["ch"] == 16 and manifest["text_encoder"] is not None
+    assert manifest["latent_scale_factor"] == 0.5
+    vae, _, _ = tool.build(VAE, vae_weights)
+    text_encoder, _, _ = tool.build(TEXT)
+    images = list(image_text_dataset(str(image_shards[0]), 32, train=False))
+    files = members(latent_dir / image_shards[0].name)
+    for sample in images:
+        key = sample["key"]
+        assert files[f"{key}.txt"].decode() == sample["caption"]
+        with torch.no_grad():
+            posterior = vae.encode(sample["image"][None])
+            states = text_encoder([sample["caption"]])
+        mean, std = load_npy(files[f"{key}.latent_mean.npy"]), load_npy(files[f"{key}.latent_std.npy"])
+        assert mean.shape == (4, 8, 8) and mean.dtype == "float16"
+        torch.testing.assert_close(torch.from_numpy(mean).float(), posterior.mean[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(torch.from_numpy(std).float(), posterior.std[0], atol=2e-3, rtol=2e-3)
+        text = torch.from_numpy(load_npy(files[f"{key}.text_states.npy"])).float()
+        torch.testing.assert_close(text, states[0], atol=5e-3, rtol=5e-3)
+        metadata = json.loads(files[f"{key}.json"])
+        assert metadata["original_size"] == [32, 32] and metadata["shape"] in ("circle", "square", "triangle")
+
+
+def test_a_rerun_resumes_and_parts_split_the_shards(image_shards, latent_dir, vae_weights, tmp_path):
+    spec = str(image_shards[0].parent / "train-{000000..000002}.tar")
+    common = ["--shards", spec, "--vae", VAE, "--vae-weights", vae_weights, "--resolution", "32", "--device", "cpu"]
+    done = tool.main([*common, "--out-dir", str(latent_dir), "--text-encoder", TEXT])
+    assert done["written"] == 0 and done["already_done"] == 3
+    first = tool.main([*common, "--out-dir", str(tmp_path), "--num-parts", "2", "--part", "0"])
+    second = tool.main([*common, "--out-dir", str(tmp_path), "--num-parts", "2", "--part", "1"])
+    assert (first["written"], second["written"]) == (1, 2)  # contiguous ranges [0, 1) and [1, 3)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [p.name for p in image_shards]
+    with pytest.raises(ValueError, match="other settings.*resolution: 32 there, 16 now"):  # no mixing
+        tool.main([*common[:-4], "--resolution", "16", "--device", "cpu", "--out-dir", str(tmp_path)])
+
+
+def test_an_unreadable_shard_writes_nothing_and_fails_the_run(image_shards, tmp_path):
+    spec = f"{image_shards[0]}::{tmp_path / 'gone.tar'}"
+    with pytest.raises(SystemExit, match="re-run the same command"):
+        tool.main(["--shards", spec, "--out-dir", str(tmp_path / "out"), "--vae", VAE, "--resolution", "32",
+                   "--device", "cpu"])
+    assert [p.name for p in (tmp_path / "out").glob("*.tar")] == [image_shards[0].name]
+
+
+def latent_module(latent_dir, **overrides) -> LatentShardDataModule:
+    settings = dict(train_shards=str(latent_dir / "train-{000000..000002}.tar"), val_shards=str(latent_dir / "train-000002.tar"),
+                    batch_size=4, num_workers=0, train_epoch_length=8, use_text_states=True, caption_dropout_prob=0.5)
+    module = LatentShardDataModule(**{**settings, **overrides})
+    module.setup("fit")
+    return module
+
+
+def test_latent_batches_have_the_documented_fields(latent_dir):
+    batch = next(iter(latent_module(latent_dir).train_dataloader()))
+    assert batch["latent_mean"].shape == batch["latent_std"].shape == (4, 4, 8, 8)
+    assert batch["text_states"].shape == (4, 16, 64) and batch["latent_mean"].dtype == torch.float32
+    assert batch["original_size"].tolist() == [[32, 32]] * 4 and "image" not in batch
+    val_keys = [key for batch in latent_module(latent_dir).val_dataloader() for key in batch["key"]]
+    assert len(val_keys) == 4
+
+
+def tiny_diffusion():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5"])
+    torch.manual_seed(0)
+    return instantiate_module(cfg.model)
+
+
+def test_latent_batches_train_without_any_vae_encode(latent_dir, monkeypatch):
+    module = tiny_diffusion()
+
+    def no_encode(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran on a data=latents batch")
+
+    monkeypatch.setattr(module.vae, "encode", no_encode)
+    batch = next(iter(latent_module(latent_dir, caption_dropout_prob=0.0).train_dataloader()))
+    torch.manual_seed(1)
+    latents = module.batch_latents(batch)
+    torch.manual_seed(1)
+    drawn = (batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_mean"])) * 0.5
+    torch.testing.assert_close(latents, drawn)  # mean + std * eps, times latent_scale_factor
+    assert torch.equal(module.batch_context(batch), batch["text_states"])
+    loss = module.diffusion_loss(latents, module.batch_context(batch))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in module.unet.parameters())
+
+
+def test_dropped_captions_get_the_empty_caption_states():
+    states = torch.randn(3, 16, 64)
+    empty = torch.full((1, 16, 64), 7.0)
+    context = precomputed_context(states, ["a", "", "c"], lambda captions: empty)
+    assert torch.equal(context[1], empty[0]) and torch.equal(context[[0, 2]], states[[0, 2]])
+    with pytest.raises(ValueError, match="differ from the text encoder"):
+        precomputed_context(states, [""] * 3, lambda captions: torch.zeros(1, 77, 64))
