@@ -59,6 +59,8 @@ class NonFiniteGuard(L.Callback):
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         finite = trainer.strategy.reduce_boolean_decision(gradients_are_finite(parameters), all=True)
         self._skipped_this_batch |= not finite
+        if not finite and self.consecutive == 0:
+            self.first_bad_step = trainer.global_step
         if finite or trainer.precision == "16-mixed":
             return
         for parameter in parameters:
@@ -76,8 +78,7 @@ class NonFiniteGuard(L.Callback):
         self.consecutive += 1
         pl_module.log("train/nonfinite_steps", float(self.total_skipped), batch_size=1)
         if self.consecutive == 1:
-            self.first_bad_step = trainer.global_step
-            rank_zero_warn(f"non-finite loss or gradient at step {trainer.global_step}: step skipped")
+            rank_zero_warn(f"non-finite loss or gradient at step {self.first_bad_step}: step skipped")
             # The skipped step changed no weight, so this state is the one from before the bad run.
             trainer.save_checkpoint(self._checkpoint_path(trainer))
         if self.consecutive >= self.max_consecutive:
