@@ -9,20 +9,22 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from ldm.models.attention import SpatialTransformer
-from ldm.models.unet import ResBlock, UNetModel
+from ldm.models.unet import TimestepEmbedSequential, UNetModel
 
 FROZEN_ENCODERS = ("vae", "text_encoder")
 
 
 def unet_wrap_policy() -> ModuleWrapPolicy:
-    """One FSDP unit per ResBlock, per SpatialTransformer and per UNetModel (its stem, embeddings and head).
+    """One FSDP unit per U-Net block (``TimestepEmbedSequential``: a level's ResBlock + transformer, a
+    down/upsampler, the middle block) and per UNetModel (its stem, embeddings and head).
 
-    Units of a block's size keep the all-gathered memory small. Wrapping ``UNetModel`` too gives the
+    Units of a block's size keep the all-gathered memory small. The blocks' own layers are not
+    wrapped: ``TimestepEmbedSequential`` routes its arguments by the layer's class, which a wrapper
+    would hide. Wrapping ``UNetModel`` too gives the
     U-Net and its EMA copy each their own unit of identical layout, so that their local shards hold
     the same elements and the EMA update (an element-wise lerp) runs on the shards.
     """
-    return ModuleWrapPolicy({UNetModel, ResBlock, SpatialTransformer})
+    return ModuleWrapPolicy({UNetModel, TimestepEmbedSequential})
 
 
 def frozen_encoders(model: nn.Module) -> list[nn.Module]:
