@@ -102,6 +102,7 @@ class ThroughputMonitor(L.Callback):
         self.flops_per_batch: int | None = None
         self._hook: Any = None
         self._unet_inputs: tuple[tuple, dict] | None = None
+        self._unet_meta: nn.Module | None = None
         self._last_batch_end: float | None = None
         self._reset_window()
 
@@ -110,6 +111,12 @@ class ThroughputMonitor(L.Callback):
         self._images = self._latents = self._batches = self._steps = 0
         self._data_wait = 0.0
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Copied before the strategy wraps the model: FSDP's sharded parameters have no full shape.
+        unet = getattr(pl_module, "unet", None)
+        if stage == "fit" and unet is not None and self.flops_per_batch is None:
+            self._unet_meta = meta_copy(unet)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_tflops is None:
             self.peak_tflops = measured_peak_tflops(pl_module.device, precision_dtype(trainer.precision))
@@ -117,13 +124,12 @@ class ThroughputMonitor(L.Callback):
                             f"(matmul, {precision_dtype(trainer.precision)}); set callbacks.throughput.peak_tflops "
                             f"to the device's data-sheet peak for a standard MFU")
         unet = getattr(pl_module, "unet", None)
-        if unet is not None and self.flops_per_batch is None:
+        if unet is not None and self._unet_meta is not None:
             def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 self._unet_inputs = (args, kwargs)
                 self._hook.remove()
 
             self._hook = unet.register_forward_pre_hook(capture, with_kwargs=True)
-            self._unet_meta = meta_copy(unet)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
