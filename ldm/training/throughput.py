@@ -88,7 +88,8 @@ class ThroughputMonitor(L.Callback):
     ``perf/images_per_s`` and ``perf/latents_per_s`` (all ranks), ``perf/unet_tflops`` (per device,
     model FLOPs of the U-Net's forward and backward), ``perf/mfu`` (that over ``peak_tflops``) and
     ``perf/data_wait_ms`` (per batch: from the end of one batch to the start of the next, the time the
-    loop waits for the dataloader). Images count ``batch["image"]``; latents count what the U-Net
+    loop waits for the dataloader). A window that validation or a checkpoint write interrupts starts
+    again after it. Images count ``batch["image"]``; latents count what the U-Net
     trains on (``batch["latents"]`` for precomputed latents, else one per image).
     ``peak_tflops``: the device's dense peak in the training precision (a GPU's data sheet, e.g.
     989 for an H100 SXM in bf16); None measures a matmul on the device at the start (the CPU default).
@@ -131,6 +132,18 @@ class ThroughputMonitor(L.Callback):
 
             self._hook = unet.register_forward_pre_hook(capture, with_kwargs=True)
 
+    def _interrupt(self) -> None:
+        """Validation or a checkpoint write runs between batches: restart the window after it, so that
+        neither counts as training time or data wait."""
+        self._reset_window()
+        self._last_batch_end = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interrupt()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._interrupt()
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._window_start is None:
@@ -151,6 +164,8 @@ class ThroughputMonitor(L.Callback):
             self.flops_per_batch = unet_training_flops(self._unet_meta, args, kwargs)
             self._unet_inputs = self._unet_meta = None
         self._last_batch_end = time.perf_counter()
+        if self._window_start is None:  # interrupted during this batch's hooks (a checkpoint write)
+            return
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self._steps += 1
         if self._steps < self.window:

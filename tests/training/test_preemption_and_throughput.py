@@ -35,7 +35,8 @@ class Regression(L.LightningModule):
 
 def fit(module, callbacks, tmp_path, steps):
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
                         callbacks=callbacks)
     trainer.fit(module, DataLoader(TensorDataset(torch.randn(256, 8)), batch_size=4))
     return trainer
@@ -67,7 +68,8 @@ def test_unet_flops_match_the_closed_form_for_a_linear_layer():
 
 def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
     monitor = ThroughputMonitor(window=3, peak_tflops=1.0)
-    trainer = fit(Regression(), [monitor], tmp_path, steps=7)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4)  # interrupts windows
+    trainer = fit(Regression(), [monitor, checkpoint], tmp_path, steps=12)
     assert monitor.flops_per_batch == 2 * 2 * 4 * 8 * 8  # Linear(8, 8), batch 4
     metrics = trainer.callback_metrics
     assert metrics["perf/unet_tflops"] > 0 and metrics["perf/data_wait_ms"] >= 0
