@@ -19,7 +19,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=instantiate_group(cfg.get("callbacks"))
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # Checkpoints hold tensors and plain values only: resuming never runs code from the file.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 

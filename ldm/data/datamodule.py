@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader
 from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import LatentTextDataset
-from ldm.data.shards import MODES, ShardStream, collate_samples, expand_shards, image_text_dataset
+from ldm.data.resume import SkipAhead, batches_per_worker
+from ldm.data.shards import (
+    MODES,
+    ShardStream,
+    collate_samples,
+    distributed_rank_and_world_size,
+    expand_shards,
+    image_text_dataset,
+)
 from ldm.data.synthetic import ensure_synthetic_dataset
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,9 @@ class ShardDataModule(L.LightningDataModule):
     When ``synthetic`` (keyword arguments of ``ensure_synthetic_dataset``, including ``data_dir``) is
     given and ``train_shards`` is not, the built-in set is generated in ``prepare_data`` and used;
     its validation shards are used unless ``val_shards`` is given.
+
+    Exact resume: the training batches consumed per rank are counted and saved in checkpoints
+    (``state_dict``); a resumed run's stream continues from that position (``ldm.data.resume``).
     """
 
     def __init__(
@@ -136,6 +147,7 @@ class ShardDataModule(L.LightningDataModule):
         self.skip_rate_min_samples = skip_rate_min_samples
         self.train_urls: list[str] | list[list[str]] | None = None
         self.val_urls: list[str] | None = None
+        self.train_batches_consumed = 0  # per rank, over the whole run (restored on resume)
 
     def _uses_synthetic(self) -> bool:
         return self.synthetic is not None and self.train_shards is None
@@ -186,9 +198,51 @@ class ShardDataModule(L.LightningDataModule):
         per epoch. Exactly-once: one pass over the shards per epoch, ranks ending together."""
         if self.train_urls is None:
             self.setup("fit")
+        dataset = self.dataset(self.train_urls, train=True)
+        if self.train_batches_consumed:
+            dataset = self._continued(dataset)
         # Each worker batches its own samples: dropping partial batches keeps the batch count equal on all ranks.
-        loader = self._loader(self.dataset(self.train_urls, train=True), self.batch_size, drop_last=True)
+        loader = self._loader(dataset, self.batch_size, drop_last=True)
         return EndTogether(loader) if self.train_mode == "exactly_once" else loader
+
+    def _continued(self, dataset: ShardStream) -> torch.utils.data.IterableDataset:
+        """The training stream from the restored position: resampled streams continue exactly where they
+        were; an exactly-once stream has no fixed epoch length, so it starts a new pass over its shards."""
+        if self.train_mode != "resampled":
+            logger.warning("resuming an exactly-once training stream after %d batches: it starts a new pass over "
+                           "its shards (only data.train_mode=resampled continues at the exact sample)",
+                           self.train_batches_consumed)
+            return dataset
+        per_epoch = sum(batches_per_worker(self.train_epoch_length, self.num_workers, self.batch_size))
+        epoch, batches_into_epoch = divmod(self.train_batches_consumed, per_epoch)
+        return SkipAhead(dataset, epoch, batches_into_epoch, self.batch_size, self.num_workers)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.train_batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position: batches per rank, and samples over all ranks (for the logs)."""
+        world_size = self.trainer.world_size if self.trainer is not None else distributed_rank_and_world_size()[1]
+        return {"train_batches_consumed": self.train_batches_consumed, "batch_size": self.batch_size,
+                "num_workers": self.num_workers, "train_epoch_length": self.train_epoch_length,
+                "world_size": world_size,
+                "train_samples_consumed": self.train_batches_consumed * self.batch_size * world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream where the checkpoint left it (the same settings give the same stream)."""
+        world_size = self.trainer.world_size if self.trainer is not None else distributed_rank_and_world_size()[1]
+        saved = {key: state_dict[key] for key in ("batch_size", "num_workers", "train_epoch_length", "world_size")}
+        now = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+               "train_epoch_length": self.train_epoch_length, "world_size": world_size}
+        changed = {key: (saved[key], now[key]) for key in saved if saved[key] != now[key]}
+        if changed:
+            logger.warning("resuming with changed data settings %s (saved, now): the stream continues at the "
+                           "same sample count but will not match an uninterrupted run",
+                           {f"data.{k}" if k != "world_size" else k: v for k, v in changed.items()})
+        samples_per_rank = int(state_dict["train_batches_consumed"]) * int(saved["batch_size"])
+        self.train_batches_consumed = samples_per_rank // self.batch_size
 
     def val_dataloader(self) -> DataLoader | list:
         """Every validation sample once across ranks and workers; ``[]`` (no validation) without val shards."""

@@ -98,6 +98,12 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
                                  self.pretrained["path"], use_ema=bool(self.pretrained["use_ema"]))
         return loaded["latent_scale_factor"]
 
+    def setup(self, stage: str) -> None:
+        """Check the data's image size against the VAE and U-Net before the first step."""
+        resolution = getattr(self.trainer.datamodule, "resolution", None) if self.trainer is not None else None
+        if resolution is not None:
+            check_resolution(resolution, self.vae, self.unet)
+
     # ----------------------------------------------------------------------------------- training
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """Train mode for the U-Net only: frozen parts stay in eval mode (no dropout, fixed norms)."""
@@ -171,7 +177,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.log_skip_counts(batch)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimizer step (not each micro-batch under gradient accumulation), and
+        # before callbacks' on_train_batch_end, so a checkpoint written at this step includes it.
+        super().optimizer_step(*args, **kwargs)
         if self.ema_unet is not None:
             self.ema_unet.update_parameters(self.unet)
 
@@ -244,4 +253,22 @@ def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.
         raise ValueError(
             f"model.unet.context_dim={context_dim} but the text encoder outputs {text_dim}-dim tokens; "
             f"set model.unet.context_dim={text_dim} or choose another text_encoder"
+        )
+
+
+def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module) -> None:
+    """Images of ``resolution`` px must give latents that the VAE and the U-Net both divide evenly."""
+    vae_factor = int(getattr(vae, "downsample_factor", 1))
+    unet_factor = int(getattr(unet, "downsample_factor", 1))
+    if resolution % vae_factor:
+        raise ValueError(
+            f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {vae_factor} "
+            f"(2 ** (len(model.vae.ch_mult) - 1)); set data.resolution to a multiple of {vae_factor}"
+        )
+    if (resolution // vae_factor) % unet_factor:
+        step = vae_factor * unet_factor
+        raise ValueError(
+            f"data.resolution={resolution} gives {resolution // vae_factor}-px latents, not divisible by the "
+            f"U-Net's downsampling factor {unet_factor} (2 ** (len(model.unet.channel_mult) - 1)); "
+            f"set data.resolution to a multiple of {step}"
         )

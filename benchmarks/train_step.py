@@ -1,0 +1,224 @@
+"""Training-step throughput and MFU: ldm's U-Net against diffusers' UNet2DConditionModel, same step, same weights.
+
+One step = what LatentDiffusion does to the U-Net per batch once latents and context exist (the
+frozen VAE and text encoder are left out: they cost the same whatever U-Net trains, or nothing
+with precomputed latents): draw t and noise, q_sample, forward under autocast, MSE to the noise,
+backward, clip the gradient norm to 1, AdamW step. Both models get the same weights (diffusers'
+mapped into ldm's layout; outputs checked equal first) and alternate step by step, so the machine's
+drifts hit both alike. FLOPs are the U-Net's forward+backward counted once with FlopCounterMode;
+MFU = achieved FLOP/s over the device's peak: on GPUs the data-sheet dense bf16 peak (or
+--peak-tflops), on the CPU a matmul measured in the same run and precision.
+
+    python benchmarks/train_step.py                          # CPU: the tiny demo U-Net, fp32
+    python benchmarks/train_step.py --device cuda            # GPU: tiny and SD 2.x base at 256 px, bf16
+    python benchmarks/train_step.py --sizes sd2-base --batch 32 --compile
+
+Writes benchmarks/results/train_step.json (or --output). Target on a GPU: >= 40% MFU for SD 2.x base
+at 256 px in bf16, and faster than diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, machine_info  # noqa: E402
+from benchmarks.unet import synchronize  # noqa: E402
+from ldm.checkpoints import diffusers_unet_to_ldm  # noqa: E402
+from ldm.diffusion.objectives import q_sample  # noqa: E402
+from ldm.diffusion.schedules import NoiseSchedule  # noqa: E402
+from ldm.models.unet import UNetModel  # noqa: E402
+from ldm.training.throughput import measured_peak_tflops, unet_training_flops  # noqa: E402
+
+# Preset (configs/model/unet/NAME.yaml), latent side, context tokens, default batch per device type.
+SIZES = {
+    "tiny": dict(preset="tiny", latent_size=8, tokens=77, batch={"cpu": 64, "cuda": 256}),  # the demo: 32 px, f=4
+    "sd2-base": dict(preset="sd2", latent_size=32, tokens=77, batch={"cpu": 1, "cuda": 32}),  # 256 px, f=8
+}
+# Dense bf16 tensor-core peaks from the data sheets, TFLOP/s, matched against torch.cuda.get_device_name().
+GPU_BF16_PEAK_TFLOPS = [("H200", 989.4), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H100 NVL", 835.0),
+                        ("H100 PCIe", 756.0), ("H100", 756.0), ("A100", 312.0), ("L40S", 362.0)]
+
+
+def unet_config(preset: str) -> dict:
+    """Keyword arguments of UNetModel from a config preset (without ``_target_``)."""
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/unet" / f"{preset}.yaml"))
+    config.pop("_target_")
+    return config
+
+
+def diffusers_arguments(config: dict, latent_size: int) -> dict:
+    """UNet2DConditionModel arguments for the ldm UNetModel arguments ``config`` (the same network)."""
+    levels = len(config["channel_mult"])
+    channels = [config["model_channels"] * m for m in config["channel_mult"]]
+    attention = [2**level in config["attention_resolutions"] for level in range(levels)]
+    if config.get("num_head_channels", -1) != -1:
+        heads = [c // config["num_head_channels"] for c in channels]  # diffusers' attention_head_dim is a head count
+    else:
+        heads = [config["num_heads"]] * levels
+    return dict(
+        sample_size=latent_size, in_channels=config["in_channels"], out_channels=config["out_channels"],
+        block_out_channels=tuple(channels), layers_per_block=config["num_res_blocks"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        attention_head_dim=heads, cross_attention_dim=config["context_dim"],
+        use_linear_projection=config.get("use_linear_in_transformer", False),
+        norm_num_groups=config.get("norm_num_groups", 32), upcast_attention=config.get("upcast_attention", False),
+        transformer_layers_per_block=config.get("transformer_depth", 1),
+    )
+
+
+def build_pair(size: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(ldm UNetModel, diffusers UNet2DConditionModel, ldm config) with the same weights."""
+    import diffusers  # only benchmarks and tests use diffusers
+
+    config = unet_config(SIZES[size]["preset"])
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**diffusers_arguments(config, SIZES[size]["latent_size"]))
+    with torch.no_grad():  # perturb every weight, so zero-initialised output layers cannot hide a difference
+        for parameter in reference.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    unet = UNetModel(**config)
+    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), config["num_res_blocks"]), strict=True)
+    return unet, reference, config
+
+
+class TrainStep:
+    """One U-Net training step (see the module docstring) for ldm (``is_ldm``) or diffusers call conventions."""
+
+    def __init__(self, model: torch.nn.Module, is_ldm: bool, autocast_dtype: torch.dtype | None, device: str,
+                 compile_model: bool) -> None:
+        self.model = model.train()
+        self.forward = torch.compile(model) if compile_model else model
+        self.is_ldm = is_ldm
+        self.autocast_dtype = autocast_dtype
+        self.device = device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+        self.alphas_cumprod = NoiseSchedule("scaled_linear").alphas_cumprod.float().to(device)
+
+    def __call__(self, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> float:
+        t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), device=self.device, generator=generator)
+        noise = torch.randn(latents.shape, device=self.device, generator=generator)
+        x_t = q_sample(latents, t, noise, self.alphas_cumprod)
+        with torch.autocast(self.device, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if self.is_ldm:
+                prediction = self.forward(x_t, t, context)
+            else:
+                prediction = self.forward(x_t, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def peak_tflops(device: str, dtype: torch.dtype, given: float | None) -> tuple[float, str]:
+    """The MFU reference: given, else the data sheet's bf16 peak of a known GPU, else a measured matmul."""
+    if given:
+        return given, "given"
+    if device == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name()
+        for pattern, value in GPU_BF16_PEAK_TFLOPS:
+            if pattern in name:
+                return value, f"data sheet ({pattern} dense bf16)"
+    return measured_peak_tflops(torch.device(device), dtype), f"measured matmul ({dtype})"
+
+
+def benchmark(size: str, precision: str, args: argparse.Namespace) -> dict:
+    device = args.device
+    batch = args.batch or SIZES[size]["batch"][device]
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    unet, reference, config = build_pair(size)
+    unet, reference = unet.to(device), reference.to(device)
+    generator = torch.Generator(device).manual_seed(1)
+    side, tokens = SIZES[size]["latent_size"], SIZES[size]["tokens"]
+    latents = torch.randn(batch, config["in_channels"], side, side, device=device, generator=generator)
+    context = torch.randn(batch, tokens, config["context_dim"], device=device, generator=generator)
+    with torch.no_grad():
+        probe_t = torch.tensor([10, 500], device=device)
+        difference = (unet(latents[:2], probe_t, context[:2])
+                      - reference(latents[:2], probe_t, encoder_hidden_states=context[:2]).sample).abs().max()
+    flops = unet_training_flops(unet, (latents, torch.zeros(batch, dtype=torch.long, device=device), context))
+    steps = {"ldm": TrainStep(unet, True, autocast_dtype, device, args.compile),
+             "diffusers": TrainStep(reference, False, autocast_dtype, device, args.compile)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step(latents, context, generator)
+            synchronize(device)
+            if index >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    peak, peak_source = peak_tflops(device, autocast_dtype or torch.float32, args.peak_tflops)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    row = {"size": size, "precision": precision, "batch": batch, "latent_shape": list(latents.shape[1:]),
+           "context_shape": list(context.shape[1:]), "params": sum(p.numel() for p in unet.parameters()),
+           "max_abs_output_difference_fp32": float(difference), "unet_train_flops_per_step": flops,
+           "peak_tflops": peak, "peak_source": peak_source, "seconds_per_step": seconds,
+           "images_per_s": {name: batch / s for name, s in seconds.items()},
+           "tflops": {name: flops / s / 1e12 for name, s in seconds.items()},
+           "mfu": {name: flops / s / 1e12 / peak for name, s in seconds.items()},
+           "speedup_ldm_over_diffusers": seconds["diffusers"] / seconds["ldm"]}
+    print(f"{size:9} {precision:5} {batch:5d} {row['images_per_s']['ldm']:10.1f} {row['images_per_s']['diffusers']:10.1f} "
+          f"{row['speedup_ldm_over_diffusers']:7.2f} {row['tflops']['ldm']:9.3f} {100 * row['mfu']['ldm']:7.1f}% "
+          f"{100 * row['mfu']['diffusers']:7.1f}%  (peak {peak:.2f} TFLOP/s, {peak_source})")
+    return row
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the threads torch uses."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                        help="default: tiny on the CPU; tiny and sd2-base on CUDA")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                        help="default: fp32 and bf16 on the CPU; bf16 on CUDA")
+    parser.add_argument("--batch", type=int, default=None, help="per step (default: per size and device)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/train_step.json"))
+    args = parser.parse_args()
+    sizes = args.sizes or (["tiny"] if args.device == "cpu" else ["tiny", "sd2-base"])
+    # On the CPU, bf16 autocast was measured ~30x slower than fp32 for the tiny U-Net (op overheads).
+    precisions = args.precisions or (["fp32"] if args.device == "cpu" else ["bf16"])
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    print(f"\nU-Net training step, ldm vs diffusers, same weights and batch, on {device_name}"
+          f"{' (compiled)' if args.compile else ''}\n")
+    print(f"{'size':9} {'prec':5} {'batch':>5} {'ldm img/s':>10} {'diff img/s':>10} {'speedup':>7} "
+          f"{'ldm TF/s':>9} {'ldm MFU':>8} {'diff MFU':>8}")
+    rows = [benchmark(size, precision, args) for size in sizes for precision in precisions]
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"device": device_name, "compile": args.compile, "steps": args.steps,
+                                  "rows": rows, "machine": machine_info()}, indent=2))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Preemption signal -> checkpoint at the next step, requeue through the previous handler, stop;
+throughput callback logs speed and MFU with U-Net FLOPs counted once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ldm.training.preemption import CheckpointAndRequeue
+from ldm.training.throughput import ThroughputMonitor, unet_training_flops
+
+
+class Regression(L.LightningModule):
+    """Sends itself SIGUSR1 during the training step of ``signal_at_step``."""
+
+    def __init__(self, signal_at_step: int | None = None) -> None:
+        super().__init__()
+        self.unet = nn.Linear(8, 8)
+        self.signal_at_step = signal_at_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        (x,) = batch
+        return self.unet(x).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(module, callbacks, tmp_path, steps):
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+                        callbacks=callbacks)
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(256, 8)), batch_size=4))
+    return trainer
+
+
+def test_preemption_signal_checkpoints_requeues_and_stops(tmp_path):
+    requeue_calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: requeue_calls.append(signum))  # as submitit's
+    try:
+        callback = CheckpointAndRequeue(signals=["SIGUSR1"], dirpath=str(tmp_path / "checkpoints"))
+        trainer = fit(Regression(signal_at_step=3), [callback], tmp_path, steps=50)
+        assert trainer.global_step == 4  # the step under way when the signal came was finished, then training stopped
+        state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert state["global_step"] == 4
+        assert requeue_calls == [signal.SIGUSR1]  # the previous handler (submitit's requeue) ran once, afterwards
+        assert signal.getsignal(signal.SIGUSR1) is not callback._handle  # restored after fit
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_unet_flops_match_the_closed_form_for_a_linear_layer():
+    batch, width_in, width_out = 16, 32, 24
+    layer = nn.Linear(width_in, width_out)
+    flops = unet_training_flops(layer, (torch.randn(batch, width_in),))
+    # forward 2*B*I*O; backward: the weight gradient, 2*B*I*O (the input takes no gradient)
+    assert flops == 2 * 2 * batch * width_in * width_out
+    assert layer.weight.device.type == "cpu" and layer.weight.grad is None  # counted on a meta copy
+
+
+def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
+    monitor = ThroughputMonitor(window=3, peak_tflops=1.0)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4)  # interrupts windows
+    trainer = fit(Regression(), [monitor, checkpoint], tmp_path, steps=12)
+    assert monitor.flops_per_batch == 2 * 2 * 4 * 8 * 8  # Linear(8, 8), batch 4
+    metrics = trainer.callback_metrics
+    assert metrics["perf/unet_tflops"] > 0 and metrics["perf/data_wait_ms"] >= 0
+    torch.testing.assert_close(metrics["perf/mfu"], metrics["perf/unet_tflops"])  # peak 1 TFLOP/s
+    assert "perf/images_per_s" in metrics  # no images in this batch: 0
