@@ -50,7 +50,7 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     env = dict(os.environ, LDM_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     result = subprocess.run([
-        sys.executable, "train.py", "experiment=demo", "model.vae_weights=null", "logger=csv", "callbacks=default",
+        sys.executable, "train.py", "experiment=demo", "model.vae_weights=null", "logger=none", "callbacks=default",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.max_time=null",
         "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
         "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=0",
