@@ -38,8 +38,15 @@ def unet_training_flops(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str
         if hasattr(submodule, "use_checkpoint"):
             submodule.use_checkpoint = False
 
+    parameter_dtype = next(model.parameters()).dtype
+
     def to_meta(value: Any) -> Any:
-        return torch.empty_like(value, device="meta", requires_grad=False) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor):
+            return value
+        # Inputs made under autocast (bf16-mixed) are bf16 while the copy's weights are not; the count
+        # does not depend on the dtype, so floating inputs take the weights' dtype.
+        dtype = parameter_dtype if value.is_floating_point() else value.dtype
+        return torch.empty_like(value, device="meta", dtype=dtype, requires_grad=False)
 
     meta_args = tuple(to_meta(a) for a in args)
     meta_kwargs = {k: to_meta(v) for k, v in (kwargs or {}).items()}

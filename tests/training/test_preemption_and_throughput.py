@@ -66,6 +66,12 @@ def test_unet_flops_match_the_closed_form_for_a_linear_layer():
     assert layer.weight.device.type == "cpu" and layer.weight.grad is None  # counted on a meta copy
 
 
+def test_unet_flops_count_inputs_made_under_bf16_autocast():
+    conv = nn.Conv2d(4, 8, 3, padding=1)  # a float32 convolution refuses bf16 inputs, even on the meta device
+    flops = unet_training_flops(conv, (torch.randn(2, 4, 8, 8),))
+    assert flops > 0 and unet_training_flops(conv, (torch.randn(2, 4, 8, 8, dtype=torch.bfloat16),)) == flops
+
+
 def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
     monitor = ThroughputMonitor(window=3, peak_tflops=1.0)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4)  # interrupts windows
