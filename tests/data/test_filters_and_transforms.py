@@ -8,12 +8,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm.data.filters import MetadataFilters
 from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
-from ldm.data.transforms import decode_rgb, open_image
+from ldm.data.transforms import decode_rgb, open_image, resize_and_crop
 
 # (key, JSON metadata, caption): each sample fails exactly the filter its key names.
 SAMPLES = [
@@ -111,6 +112,21 @@ def test_large_jpegs_are_decoded_downscaled_but_never_below_the_resolution(tmp_p
     shard = helpers.write_tar(tmp_path / "one.tar", [("k.jpg", buffer.getvalue()), ("k.txt", b"a gradient")])
     (sample,) = image_text_dataset(str(shard), 160, train=False)
     assert sample["original_size"].tolist() == [700, 1000] and sample["image"].shape == (3, 160, 160)
+
+
+@pytest.mark.parametrize("size", [(474, 419), (331, 424), (300, 256), (3000, 2000)])  # the last is box-reduced first
+def test_resize_and_crop_gives_the_pixels_of_a_pil_bicubic_resize_then_crop(size):
+    rng = np.random.default_rng(0)
+    smooth = rng.uniform(0, 255, size=(size[1] // 32 + 2, size[0] // 32 + 2, 3)).astype(np.uint8)
+    noisy = np.asarray(Image.fromarray(smooth).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+    image = Image.fromarray((noisy + rng.normal(0, 8, noisy.shape)).clip(0, 255).astype(np.uint8))
+    crop, (top, left) = resize_and_crop(image, 256, rng)
+    scale = 256 / min(size)
+    resized = image.resize((max(256, round(size[0] * scale)), max(256, round(size[1] * scale))), Image.Resampling.BICUBIC)
+    expected = np.asarray(resized, dtype=np.int16)[top : top + 256, left : left + 256]
+    difference = np.abs(crop.permute(1, 2, 0).numpy().astype(np.int16) - expected)
+    assert crop.shape == (3, 256, 256) and crop.dtype == torch.uint8
+    assert difference.max() <= 1 and difference.mean() < 0.3
 
 
 def test_unknown_skip_reasons_are_refused():
