@@ -8,7 +8,7 @@ Output in img2dataset's layout: ``OUT/00000.tar, 00001.tar, ...``, each sample `
 (key, caption, status, width, height, original_width, original_height, url = the source path, any
 sidecar ``NAME.json`` fields or other CSV columns), KEY = 5-digit shard index + index in the shard.
 Folder mode: ``NAME.jpg`` takes its caption from ``NAME.txt`` beside it. Images that cannot be read
-and images without a caption are skipped and counted. Parquet input needs pyarrow (not installed here).
+and images without a caption are skipped and counted. Parquet input is read with pyarrow.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""make_shards: a folder with sidecar captions or a CSV becomes img2dataset-layout shards the pipeline reads."""
+"""make_shards: a folder with sidecar captions, a CSV or a Parquet file becomes img2dataset-layout shards the pipeline reads."""
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 import tarfile
 
 import numpy as np
@@ -84,12 +85,27 @@ def test_a_csv_of_paths_and_captions_becomes_shards_with_its_other_columns(tmp_p
         make_shards.main(["--csv", str(tmp_path / "list.csv"), "--out-dir", str(tmp_path / "out2")])
 
 
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        (tmp_path / "list.parquet").write_bytes(b"PAR1")
-        with pytest.raises(SystemExit, match="needs pyarrow"):
-            make_shards.main(["--csv", str(tmp_path / "list.parquet"), "--out-dir", str(tmp_path / "out")])
-    else:
-        pytest.skip("pyarrow is installed: Parquet is read")
+def test_a_parquet_of_paths_and_captions_becomes_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "images").mkdir()
+    for index in range(3):
+        photo(tmp_path / "images" / f"{index}.jpg", (32, 24), colour=(index * 80, 0, 0))
+    table = pa.table({"url_path": [f"images/{i}.jpg" for i in range(3)] + [None],
+                      "TEXT": ["red 0", "red 1", None, "no path"], "punsafe": [0.1, 0.2, 0.3, 0.4]})
+    pq.write_table(table, tmp_path / "list.parquet")
+    summary = make_shards.main(["--csv", str(tmp_path / "list.parquet"), "--path-column", "url_path",
+                                "--caption-column", "TEXT", "--out-dir", str(tmp_path / "out")])
+    assert summary["samples"] == 2 and summary["skipped"] == {"missing_caption": 1, "missing_image": 1}
+    samples = list(image_text_dataset(summary["shard_spec"], 16, train=False))
+    assert [s["caption"] for s in samples] == ["red 0", "red 1"]
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:  # the other columns travel in the JSON
+        assert json.loads(tar.extractfile("000000001.json").read())["punsafe"] == 0.2
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    (tmp_path / "list.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit, match="needs pyarrow"):
+        make_shards.main(["--csv", str(tmp_path / "list.parquet"), "--out-dir", str(tmp_path / "out")])
