@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from ldm.training.model_checkpoint import ModelCheckpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = """
@@ -69,3 +70,27 @@ def test_trainer_checkpoints_go_through_the_atomic_io(tmp_path, monkeypatch):
     assert "last.ckpt" in written and any(name.startswith("epoch") for name in written)
     assert all(not name.startswith(".") for name in os.listdir(tmp_path))
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+class StopAt(L.Callback):
+    """Stops training after ``step`` optimizer steps, as trainer.max_time or a guard does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_run_stopped_between_saves_leaves_last_ckpt_at_its_final_step(tmp_path):
+    data = TensorDataset(torch.randn(64, 2), torch.randn(64, 1))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="step_{step:06d}", auto_insert_metric_name=False,
+                                 every_n_train_steps=4, save_last=True,
+                                 save_top_k=-1, enable_version_counter=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=100, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StopAt(6), checkpoint], plugins=[AtomicCheckpointIO()])
+    trainer.fit(Regression(), DataLoader(data, batch_size=2))
+    assert trainer.global_step == 6
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step_000004.ckpt"]
