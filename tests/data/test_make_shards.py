@@ -8,6 +8,8 @@ import sys
 import tarfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -86,9 +88,6 @@ def test_a_csv_of_paths_and_captions_becomes_shards_with_its_other_columns(tmp_p
 
 
 def test_a_parquet_of_paths_and_captions_becomes_shards(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     (tmp_path / "images").mkdir()
     for index in range(3):
         photo(tmp_path / "images" / f"{index}.jpg", (32, 24), colour=(index * 80, 0, 0))
