@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -11,10 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_weights
+from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.interchange.pretrained import load_pretrained
+from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
 from ldm.training.lr_schedules import WarmupSchedule
@@ -34,9 +37,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     The VAE and text encoder are frozen: eval mode, no gradients, not in the optimizer, run under
     ``torch.no_grad()``; weights that come from a file are not written into checkpoints again.
 
-    ``pretrained`` starts from released weights (fine-tuning): ``{path, use_ema=False,
-    text_encoder=True}`` with ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers
-    folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
+    ``pretrained`` (``PretrainedWeights`` or its fields) starts from released weights (fine-tuning):
+    ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
     """
 
@@ -56,9 +58,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         offset_noise_strength: float = 0.0,
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
-        pretrained: Mapping[str, Any] | None = None,
+        pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer_arguments(optimizer)
+        check_numbers(latent_scale_factor, snr_gamma, offset_noise_strength, ema_decay)
+        self.pretrained = build_options(PretrainedWeights, pretrained, "model.pretrained")
+        if vae_weights and not os.path.isfile(vae_weights):
+            raise FileNotFoundError(
+                f"model.vae_weights={vae_weights} does not exist: train stage 1 first (for the demo: python train.py "
+                f"experiment=demo_vae, or make demo), or set model.vae_weights to an existing VAE weights file")
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -74,7 +83,6 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
         check_model_compatibility(unet, vae, text_encoder)
 
-        self.pretrained = dict(pretrained) if pretrained else None
         stored_scale = self._load_pretrained() if self.pretrained else None
         if vae_weights:
             metadata = load_weights(vae, vae_weights)
@@ -89,13 +97,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     def _load_pretrained(self) -> float | None:
         """Load the released weights that ``pretrained`` names; returns their latent scale factor, if known."""
-        options = {"path": None, "use_ema": False, "text_encoder": True}
-        if set(self.pretrained) - set(options) or not self.pretrained.get("path"):
-            raise ValueError(f"model.pretrained={self.pretrained}: give path (an original SD .ckpt/.safetensors "
-                             f"or a diffusers folder) and optionally use_ema, text_encoder; keys: {sorted(options)}")
-        self.pretrained = {**options, **self.pretrained}
-        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained["text_encoder"] else None,
-                                 self.pretrained["path"], use_ema=bool(self.pretrained["use_ema"]))
+        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained.text_encoder else None,
+                                 self.pretrained.path, use_ema=self.pretrained.use_ema)
         return loaded["latent_scale_factor"]
 
     def setup(self, stage: str) -> None:
@@ -220,14 +223,15 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     def _weights_from_files(self) -> list[str]:
         """Prefixes of submodules whose weights come from a fixed file, so checkpoints skip them."""
         prefixes = ["vae."] if (self.vae_weights or self.pretrained) else []
-        return prefixes + (["text_encoder."] if self.pretrained and self.pretrained["text_encoder"] else [])
+        return prefixes + (["text_encoder."] if self.pretrained and self.pretrained.text_encoder else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(self._weights_from_files())
         if prefixes:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         checkpoint["ldm_model_config"] = self.model_config
-        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights, "pretrained": self.pretrained}
+        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights,
+                                               "pretrained": asdict(self.pretrained) if self.pretrained else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen weights left out of the checkpoint were loaded from their file in __init__.
@@ -236,6 +240,36 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             for key, value in own.items():
                 if key.startswith(prefix):
                     checkpoint["state_dict"].setdefault(key, value)
+
+
+def check_optimizer_arguments(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    """Check the numbers bound into the optimizer partial (``model.optimizer``) before torch sees them:
+    ``lr`` finite and > 0; ``weight_decay``, ``eps``, ``momentum`` finite and >= 0; ``betas`` in [0, 1)."""
+    keywords = getattr(optimizer, "keywords", None) or {}
+    if "lr" in keywords:
+        check_number("model.optimizer.lr", keywords["lr"], minimum=0.0, strict_minimum=True)
+    for name in ("weight_decay", "eps", "momentum"):
+        if name in keywords:
+            check_number(f"model.optimizer.{name}", keywords[name], minimum=0.0)
+    if "betas" in keywords:
+        betas = keywords["betas"]
+        if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+            raise ValueError(f"model.optimizer.betas={betas!r} must be two numbers, e.g. [0.9, 0.999]")
+        for index, beta in enumerate(betas):
+            check_number(f"model.optimizer.betas[{index}]", beta, minimum=0.0)
+            if beta >= 1:
+                raise ValueError(f"model.optimizer.betas[{index}]={beta} must be < 1")
+
+
+def check_numbers(latent_scale_factor: float | None, snr_gamma: float, offset_noise_strength: float,
+                  ema_decay: float | None) -> None:
+    """Range checks of ``LatentDiffusion``'s numeric arguments, each error naming its ``model.`` key."""
+    if latent_scale_factor is not None:
+        check_number("model.latent_scale_factor", latent_scale_factor, minimum=0.0, strict_minimum=True)
+    check_number("model.snr_gamma", snr_gamma, minimum=0.0, strict_minimum=True)
+    check_number("model.offset_noise_strength", offset_noise_strength, minimum=0.0)
+    if ema_decay is not None:
+        check_number("model.ema_decay", ema_decay, minimum=0.0, maximum=1.0)
 
 
 def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> None:
