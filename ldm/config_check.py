@@ -132,10 +132,12 @@ def _describe(annotation: Any) -> str:
     return " or ".join(names)
 
 
-def check_arguments(target: Callable[..., Any], values: Mapping[str, Any], key: str) -> None:
+def check_arguments(target: Callable[..., Any], values: Mapping[str, Any], key: str,
+                    sources: Mapping[str, str] | None = None) -> None:
     """Raise ``ConfigError`` naming ``key.name`` for a name that is no argument of ``target`` or a value
     whose type its annotation rules out; a mapping for an options-dataclass argument is checked (and
-    built) in turn. ``values`` hold plain Python data; entries equal to ``_SKIP`` are not judged."""
+    built) in turn. ``values`` hold plain Python data; entries equal to ``_SKIP`` are not judged.
+    ``sources``: the interpolation a value came from, by name, so the error names where to fix it."""
     parameters = inspect.signature(target).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     hints = _type_hints(target)
@@ -155,7 +157,8 @@ def check_arguments(target: Callable[..., Any], values: Mapping[str, Any], key: 
         if options is not None and isinstance(value, Mapping):
             build_options(options, value, full_key)
         elif _matches(value, hints[name]) is False:
-            raise ConfigError(f"{full_key}={value!r} has the wrong type: it must be {_describe(hints[name])}")
+            source = f" (set by {sources[name]})" if sources and name in sources else ""
+            raise ConfigError(f"{full_key}={value!r}{source} has the wrong type: it must be {_describe(hints[name])}")
 
 
 def build_options(cls: type[T], values: T | Mapping[str, Any] | None, key: str) -> T | None:
@@ -202,7 +205,7 @@ def check_config(cfg: DictConfig, key: str = "") -> None:
         return
     if "_target_" in cfg:
         target = locate(str(cfg._target_), key)
-        values = {}
+        values, sources = {}, {}
         for name in cfg:
             if str(name).startswith("_"):
                 continue
@@ -214,7 +217,9 @@ def check_config(cfg: DictConfig, key: str = "") -> None:
             except Exception as error:  # an interpolation that does not resolve
                 raise ConfigError(f"{full_key}: {error}".splitlines()[0]) from error
             values[str(name)] = _plain(value, full_key)
-        check_arguments(target, values, key)
+            if OmegaConf.is_interpolation(cfg, name):
+                sources[str(name)] = str(cfg._get_node(name)._value())
+        check_arguments(target, values, key, sources)
     for name in cfg:
         if OmegaConf.is_missing(cfg, name) or OmegaConf.is_interpolation(cfg, name):
             continue
