@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -116,6 +117,10 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0 loads in the main process)")
         if not 0.0 <= caption_dropout_prob <= 1.0:
             raise ValueError(f"data.caption_dropout_prob={caption_dropout_prob} must lie in [0, 1] (0.1 is usual)")
+        if max_skip_rate is not None and not 0.0 < max_skip_rate <= 1.0:
+            raise ValueError(f"data.max_skip_rate={max_skip_rate} must lie in (0, 1] (e.g. 0.2), or null for no ceiling")
+        if train_shard_weights is not None and not all(math.isfinite(w) and w > 0 for w in train_shard_weights):
+            raise ValueError(f"data.train_shard_weights={list(train_shard_weights)} must be finite and > 0")
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 0")
         if train_epoch_length < batch_size * max(1, num_workers):
