@@ -14,12 +14,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints import load_training_checkpoint
 from ldm.config import instantiate_group
 from ldm.evaluation.distributed import barrier, rank_and_world_size
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
 from ldm.evaluation.reference import reference_features
 from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
+from ldm.pipeline import TextToImagePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     options = cfg.eval
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")
-    module = load_training_checkpoint(cfg.ckpt_path, map_location=device)
-    pipeline = module.pipeline(use_ema=options.use_ema)
+    pipeline = TextToImagePipeline.from_pretrained(
+        cfg.ckpt_path, device=device, use_ema=bool(options.use_ema), vae_weights=cfg.get("vae_weights"),
+        pretrained=cfg.get("pretrained"), options={"vae_weights": "vae_weights=", "pretrained": "pretrained="})
     resolution = int(options.resolution)
 
     reference_shards = options.reference_shards
