@@ -54,7 +54,7 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")
     pipeline = TextToImagePipeline.from_pretrained(
-        cfg.ckpt_path, device=device, use_ema=bool(options.use_ema), vae_weights=cfg.get("vae_weights"),
+        cfg.ckpt_path, device=device, use_ema=None if options.use_ema else False, vae_weights=cfg.get("vae_weights"),
         pretrained=cfg.get("pretrained"), options={"vae_weights": "vae_weights=", "pretrained": "pretrained="})
     resolution = int(options.resolution)
 

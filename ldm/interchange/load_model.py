@@ -82,7 +82,7 @@ def source_kind(source: str | Path) -> str:
 
 def load_model(
     source: str | Path,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     vae_weights: str | Path | None = None,
     pretrained: str | Path | None = None,
     model_config: Mapping[str, Mapping[str, Any]] | None = None,
@@ -91,6 +91,9 @@ def load_model(
     options: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """Build the model ``source`` holds; see the module docstring for the forms.
+
+    ``use_ema``: None takes the EMA U-Net where the source has one apart from its main U-Net (else the main
+    one, which in an exported model is the EMA already); True requires it; False takes the raw weights.
 
     ``vae_weights`` / ``pretrained``: the frozen files a training checkpoint left out, when they are not
     where it recorded them (else they are searched for in ``search_dirs``, by default ``LDM_ROOT``,
@@ -124,7 +127,7 @@ def _build_all(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {name: build(configs[name]) for name in COMPONENTS}
 
 
-def _from_diffusers_folder(path: Path, use_ema: bool) -> LoadedModel:
+def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
     """A diffusers folder holds one U-Net, used whatever ``use_ema`` says."""
     read_json = lambda name: json.loads((path / name).read_text())  # noqa: E731
     scheduler = read_json("scheduler/scheduler_config.json")
@@ -148,11 +151,13 @@ def _from_diffusers_folder(path: Path, use_ema: bool) -> LoadedModel:
                        model_config={name: full_config(config) for name, config in configs.items()}, source=str(path))
 
 
-def _from_original_file(path: Path, use_ema: bool, overrides: Mapping[str, Mapping[str, Any]]) -> LoadedModel:
+def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str, Mapping[str, Any]]) -> LoadedModel:
     metadata = read_metadata(path)
     recorded = json.loads(metadata["ldm_model_config"]) if "ldm_model_config" in metadata else None
     state = read_state_dict(path)
-    parts = split_original_file(state, use_ema=use_ema)
+    parts = split_original_file(state, use_ema=bool(use_ema))
+    if use_ema is None and "ema_unet" in parts:
+        parts["unet"], parts["ema_unet"] = parts.pop("ema_unet"), None
     if "text_encoder" not in parts:
         raise ValueError(f"{path} holds no text encoder: ldm generates from files with U-Net, VAE and text encoder")
     if recorded is not None:
@@ -169,7 +174,7 @@ def _from_original_file(path: Path, use_ema: bool, overrides: Mapping[str, Mappi
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path} (text encoder)")
     scale = float(metadata.get("latent_scale_factor", SD_LATENT_SCALE_FACTOR))
     prediction_type = metadata.get("prediction_type", recorded.get("prediction_type", "epsilon") if recorded else "epsilon")
-    ema_state = parts.get("ema_unet") if not use_ema else None
+    ema_state = parts.get("ema_unet") if use_ema is False else None
     return LoadedModel(**built, prediction_type=prediction_type, latent_scale_factor=scale,
                        model_config={name: full_config(config) for name, config in configs.items()},
                        source=str(path), ema_state=ema_state)
@@ -196,13 +201,15 @@ def frozen_file_records(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, An
     return records
 
 
-def _from_training_checkpoint(path: Path, use_ema: bool, given: Mapping[str, Any], search_dirs: list,
+def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[str, Any], search_dirs: list,
                               options: Mapping[str, str]) -> LoadedModel:
     checkpoint = read_torch_file(path)
     config = checkpoint["ldm_model_config"]
     state = checkpoint["state_dict"]
     built = _build_all(config)
     ema = _under(state, "ema_unet.module.")
+    if use_ema is None:
+        use_ema = bool(ema)
     if use_ema and not ema:
         raise ValueError(f"{path} has no EMA weights (model.ema_decay was null); load it with use_ema off "
                          "(--no-ema, use_ema=false)")

@@ -38,7 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(args: argparse.Namespace) -> TextToImagePipeline:
     """The pipeline the parsed model options name."""
     return TextToImagePipeline.from_pretrained(
-        args.model, device=args.device, use_ema=not args.no_ema, vae_weights=args.vae_weights,
+        args.model, device=args.device, use_ema=False if args.no_ema else None, vae_weights=args.vae_weights,
         pretrained=args.pretrained, prediction_type=args.prediction_type)
 
 
