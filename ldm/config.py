@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,16 +42,6 @@ def instantiate_group(group_cfg: DictConfig | None) -> list[Any]:
     if not group_cfg:
         return []
     return [hydra.utils.instantiate(entry) for entry in group_cfg.values() if entry and "_target_" in entry]
-
-
-def constructor_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Every constructor argument of the class a ``_target_`` config builds: the config's values, the
-    class's defaults for the rest (what an exporter needs to describe the built model)."""
-    cls = hydra.utils.get_class(config["_target_"])
-    given = {key: value for key, value in config.items() if not key.startswith("_")}
-    bound = inspect.signature(cls).bind_partial(**given)
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def _raised_in_ldm(error: BaseException) -> bool:

@@ -14,7 +14,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints import load_training_checkpoint
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
 from ldm.evaluation.distributed import barrier, rank_and_world_size
@@ -22,6 +21,7 @@ from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
 from ldm.evaluation.options import EvalOptions
 from ldm.evaluation.reference import reference_features
 from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
+from ldm.pipeline import TextToImagePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     options = build_options(EvalOptions, cfg.eval, "eval")
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")
-    module = load_training_checkpoint(cfg.ckpt_path, map_location=device)
-    pipeline = module.pipeline(use_ema=options.use_ema)
+    pipeline = TextToImagePipeline.from_pretrained(
+        cfg.ckpt_path, device=device, use_ema=None if options.use_ema else False, vae_weights=cfg.get("vae_weights"),
+        pretrained=cfg.get("pretrained"), options={"vae_weights": "vae_weights=", "pretrained": "pretrained="})
     resolution = options.resolution
 
     reference_shards = options.reference_shards

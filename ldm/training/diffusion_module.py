@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -17,6 +16,7 @@ from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
@@ -94,6 +94,17 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             frozen.eval()
             frozen.requires_grad_(False)
         self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+        self.frozen_files = self._describe_frozen_files()
+
+    def _describe_frozen_files(self) -> dict[str, dict[str, Any]]:
+        """What checkpoints record of each file whose weights they leave out (path, size, sha256)."""
+        records = {}
+        if self.vae_weights:
+            records["vae_weights"] = describe_file(self.vae_weights)
+        if self.pretrained:
+            records["pretrained"] = {**describe_file(self.pretrained.path), "use_ema": self.pretrained.use_ema,
+                                     "text_encoder": self.pretrained.text_encoder}
+        return records
 
     def _load_pretrained(self) -> float | None:
         """Load the released weights that ``pretrained`` names; returns their latent scale factor, if known."""
@@ -210,13 +221,17 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         if torch.isnan(self.latent_scale_factor):
             raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
         unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
+        ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None) else None
+        components = ("unet", "vae", "text_encoder", "noise_schedule")
         return TextToImagePipeline(
             unet=unet,
             vae=self.vae,
-            text_encoder=self.encode_captions,
+            text_encoder=self.text_encoder,
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
+            model_config={name: self.model_config[name] for name in components} if self.model_config else None,
+            ema_state=ema_state,
         )
 
     # ------------------------------------------------------------------------------- checkpoints
@@ -230,11 +245,17 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         if prefixes:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         checkpoint["ldm_model_config"] = self.model_config
-        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights,
-                                               "pretrained": asdict(self.pretrained) if self.pretrained else None}
+        checkpoint["ldm_frozen_files"] = self.frozen_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen weights left out of the checkpoint were loaded from their file in __init__.
+        # Frozen weights left out of the checkpoint were loaded from their file in __init__: it must be the
+        # file the checkpoint was trained with.
+        for name, record in checkpoint.get("ldm_frozen_files", {}).items():
+            current = self.frozen_files.get(name)
+            if current is not None and current["sha256"] != record["sha256"]:
+                option = "model.vae_weights" if name == "vae_weights" else "model.pretrained.path"
+                raise FrozenFileError(f"{option}={current['path']} has sha256 {current['sha256']}, but the checkpoint "
+                                      f"was trained with {record['path']} of sha256 {record['sha256']}")
         own = self.state_dict()
         for prefix in self._weights_from_files():
             for key, value in own.items():
