@@ -7,8 +7,12 @@ in a documented command fails a test instead of a reader's first run.
 
 from __future__ import annotations
 
+import argparse
 import re
+import runpy
 import shlex
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +125,71 @@ def compose_command(command: HydraCommand) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(CONFIG_NAMES[command.script], overrides=overrides_of(command.arguments),
                        return_hydra_config=True)
+
+
+_INLINE_COMMAND = re.compile(r"`((?:python3? |make )[^`]+)`")
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@dataclass(frozen=True)
+class ShellCommand:
+    """Any documented shell command: from a bash block or an inline code span that starts with python or make."""
+
+    source: str
+    line: int
+    text: str
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.text}"
+
+
+def documented_commands(path: Path) -> list[ShellCommand]:
+    """Every command of ``path``: each line of its bash blocks, and inline `python ...` / `make ...` spans."""
+    markdown = path.read_text()
+    found = [ShellCommand(path.name, line, text, tuple(argv))
+             for first, block in bash_blocks(markdown) for line, text, argv in shell_commands(block, first)]
+    for number, line in enumerate(markdown.splitlines(), start=1):
+        for span in _INLINE_COMMAND.findall(line):
+            found.append(ShellCommand(path.name, number, span, tuple(shlex.split(span))))
+    return found
+
+
+class ArgumentsParsed(Exception):
+    """Raised in place of running a program once its command line has been parsed."""
+
+
+@contextmanager
+def stop_after_parsing():
+    """While active, ``ArgumentParser.parse_args`` parses as usual (exiting with status 2 on a bad option) and
+    then raises ``ArgumentsParsed`` instead of letting the program run."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise ArgumentsParsed
+
+    argparse.ArgumentParser.parse_args = parse_then_stop
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+def parse_program_arguments(argv: tuple[str, ...]) -> None:
+    """Run ``python -m MODULE ARGS`` or ``python SCRIPT ARGS`` in this process up to its argument parsing:
+    unknown options or bad values fail (SystemExit 2), nothing after the parsing runs."""
+    if argv[1] == "-m":
+        target, arguments, run = argv[2], list(argv[3:]), runpy.run_module
+    else:
+        target, arguments, run = str(ROOT / argv[1]), list(argv[2:]), runpy.run_path
+    saved = sys.argv
+    sys.argv = [target, *arguments]
+    try:
+        with stop_after_parsing():
+            run(target, run_name="__main__")
+    except ArgumentsParsed:
+        return
+    finally:
+        sys.argv = saved
+    raise AssertionError(f"{' '.join(argv)} ran to its end without parsing arguments with argparse")
