@@ -190,6 +190,10 @@ def parse_program_arguments(argv: tuple[str, ...]) -> None:
             run(target, run_name="__main__")
     except ArgumentsParsed:
         return
+    except SystemExit as exit_:
+        if exit_.code == 0 and ("--help" in arguments or "-h" in arguments):
+            return
+        raise
     finally:
         sys.argv = saved
     raise AssertionError(f"{' '.join(argv)} ran to its end without parsing arguments with argparse")
