@@ -9,7 +9,6 @@ and only diffusers' layout needs a conversion table.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ldm.atomic import atomic_write
 
 
 class CheckpointMismatchError(ValueError):
@@ -84,18 +85,16 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, str]:
 
 
 def save_weights(module: nn.Module | dict[str, Tensor], path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write a module's state dict as safetensors, atomically (temp file then rename).
+    """Write a module's state dict as safetensors, atomically (``ldm.atomic.atomic_write``).
 
     Metadata values that are not strings are stored as JSON.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = module.state_dict() if isinstance(module, nn.Module) else module
     tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
     text_metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in (metadata or {}).items()}
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(temporary), metadata=text_metadata)
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        save_file(tensors, str(temporary), metadata=text_metadata)
     return path
 
 

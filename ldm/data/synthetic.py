@@ -15,18 +15,18 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tarfile
 import time
-import uuid
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -187,8 +187,7 @@ def write_synthetic_shards(
     paths = []
     for shard_index in range(math.ceil(num_samples / samples_per_shard)):
         path = out_dir / f"{split}-{shard_index:06d}.tar"
-        partial = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic_write(path) as partial, tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
             first = shard_index * samples_per_shard
             for index in range(first, min(first + samples_per_shard, num_samples)):
                 scene = facts[index]
@@ -202,7 +201,6 @@ def write_synthetic_shards(
                 _add_file(tar, f"{key}.png", _png_bytes(image))
                 _add_file(tar, f"{key}.txt", caption.encode())
                 _add_file(tar, f"{key}.json", json.dumps(metadata, sort_keys=True).encode())
-        os.replace(partial, path)
         paths.append(path)
     return paths
 
@@ -243,24 +241,22 @@ def ensure_synthetic_dataset(
         return specs
 
     started = time.perf_counter()
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train")
-        write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val")
-        (staging / MARKER_NAME).write_text(json.dumps(parameters, sort_keys=True))
-        if directory.exists():
-            if _read_marker(directory) == parameters:  # another process finished first
-                return specs
-            logger.warning("Replacing %s: an incomplete set, or one made with other parameters than %s",
-                           directory, parameters)
-            shutil.rmtree(directory)
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if _read_marker(directory) != parameters:  # lost a race to a set with other parameters
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_write(directory) as staging:
+            write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train")
+            write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val")
+            (staging / MARKER_NAME).write_text(json.dumps(parameters, sort_keys=True))
+            if directory.exists():
+                if _read_marker(directory) == parameters:  # another process finished first: keep its set
+                    shutil.rmtree(staging)  # (atomic_write then renames nothing)
+                    return specs
+                logger.warning("Replacing %s: an incomplete set, or one made with other parameters than %s",
+                               directory, parameters)
+                shutil.rmtree(directory)
+    except OSError:
+        if _read_marker(directory) != parameters:  # not a race lost to a process that wrote the same set
+            raise
+        return specs
     logger.info(
         "Generated the synthetic set (%d train + %d val images, %d px) in %s in %.1f s",
         num_train, num_val, resolution, directory, time.perf_counter() - started,

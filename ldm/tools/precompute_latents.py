@@ -31,6 +31,7 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.atomic import atomic_write
 from ldm.checkpoints import load_weights
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
@@ -66,9 +67,8 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
             raise ValueError(f"{path} was written with other settings ({shown}); use another --out-dir, or the "
                              f"same VAE, VAE weights, text encoder and resolution")
         return
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
 @torch.no_grad()
@@ -89,24 +89,22 @@ def encode_shard(
     dataset = ImageTextDataset(url, resolution, train=False, keep_metadata=True, skip_counter=counter, rank=0,
                                world_size=1, filters=filters)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with wds.TarWriter(str(temporary), encoder=False) as writer:
-        for batch in loader:
-            with autocast:
-                posterior = vae.encode(batch["image"].to(device))
-                text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
-            for index, key in enumerate(batch["key"]):
-                metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
-                            "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
-                writer.write(latent_sample_files(
-                    key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
-                    text_states[index] if text_states is not None else None,
-                ))
-    if counter.samples_skipped_by_reason["unreadable_shard"]:
-        temporary.unlink(missing_ok=True)
-    else:
-        os.replace(temporary, target)
+    with atomic_write(target) as temporary:
+        with wds.TarWriter(str(temporary), encoder=False) as writer:
+            for batch in loader:
+                with autocast:
+                    posterior = vae.encode(batch["image"].to(device))
+                    text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
+                for index, key in enumerate(batch["key"]):
+                    metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
+                                "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
+                    writer.write(latent_sample_files(
+                        key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
+                        text_states[index] if text_states is not None else None,
+                    ))
+        if counter.samples_skipped_by_reason["unreadable_shard"]:
+            temporary.unlink()  # so that a re-run retries this shard
     return counter
 
 
