@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine_info  # noqa: E402
 from benchmarks.unet import synchronize  # noqa: E402
-from ldm.checkpoints import diffusers_unet_to_ldm  # noqa: E402
+from ldm.interchange.diffusers_keys import diffusers_unet_to_ldm  # noqa: E402
 from ldm.diffusion.objectives import q_sample  # noqa: E402
 from ldm.diffusion.schedules import NoiseSchedule  # noqa: E402
 from ldm.models.unet import UNetModel  # noqa: E402

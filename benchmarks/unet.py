@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine_info  # noqa: E402
-from ldm.checkpoints import diffusers_unet_to_ldm  # noqa: E402
+from ldm.interchange.diffusers_keys import diffusers_unet_to_ldm  # noqa: E402
 from ldm.models.unet import UNetModel  # noqa: E402
 
 # Two sizes that fit a 2-core CPU: an SD-1-style U-Net at a quarter of SD's width, and one at half

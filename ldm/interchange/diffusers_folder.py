@@ -16,14 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from ldm.atomic import atomic_write
-from ldm.checkpoints import (
-    diffusers_unet_to_ldm,
-    diffusers_vae_to_ldm,
-    ldm_unet_to_diffusers,
-    ldm_vae_to_diffusers,
-    read_state_dict,
-    save_weights,
-)
+from ldm.checkpoints import read_state_dict, save_weights
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.clip_text import hf_text_to_open_clip, open_clip_text_to_hf
 from ldm.interchange.diffusers_configs import (
@@ -34,6 +27,12 @@ from ldm.interchange.diffusers_configs import (
     scheduler_config,
     unet_config,
     vae_config,
+)
+from ldm.interchange.diffusers_keys import (
+    diffusers_unet_to_ldm,
+    diffusers_vae_to_ldm,
+    ldm_unet_to_diffusers,
+    ldm_vae_to_diffusers,
 )
 from ldm.models.text_encoders import FrozenOpenCLIPTextEncoder
 
