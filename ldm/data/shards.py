@@ -396,7 +396,6 @@ class ImageTextDataset(ShardStream):
         mode = mode or ("resampled" if train else "exactly_once")
         super().__init__(shards, mode, augment=train, **stream_options)
         self.resolution = resolution
-        self.train = train
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.keep_metadata = keep_metadata
