@@ -8,9 +8,15 @@ import os
 import platform
 from pathlib import Path
 
+from typing import Any
+
 import torch
 
+from ldm.config import constructor_arguments
 from ldm.evaluation.reference import read_image_caption_set
+from ldm.interchange.diffusers_configs import unet_config
+from ldm.interchange.diffusers_keys import diffusers_unet_to_ldm
+from ldm.models.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINTS = str(ROOT / "outputs/train/demo/*/checkpoints/last.ckpt")
@@ -68,6 +74,26 @@ def real_images(shards: str, resolution: int, limit: int) -> tuple[torch.Tensor,
         return read_image_caption_set(shards, resolution, limit)
     except ValueError as error:
         raise SystemExit(str(error)) from error
+
+
+def unet_pair(unet_arguments: dict[str, Any], latent_size: int) -> tuple[UNetModel, torch.nn.Module]:
+    """(ldm UNetModel, diffusers UNet2DConditionModel) of the same network with the same weights.
+
+    ``unet_arguments``: UNetModel's (the rest take its defaults). diffusers' configuration comes from
+    them through export's own mapping (``ldm.interchange.diffusers_configs.unet_config``); its weights are
+    converted into ldm's layout, so the strict load checks that the two networks are the same.
+    """
+    import diffusers  # only benchmarks and tests use diffusers
+
+    arguments = constructor_arguments({"_target_": f"{UNetModel.__module__}.{UNetModel.__name__}", **unet_arguments})
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel.from_config(unet_config(arguments, latent_size))
+    with torch.no_grad():  # perturb every weight, so zero-initialised output layers cannot hide a difference
+        for parameter in reference.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    unet = UNetModel(**arguments)
+    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), arguments["num_res_blocks"]), strict=True)
+    return unet, reference
 
 
 def machine_info() -> dict:

@@ -2,7 +2,7 @@
 
 For every (shape, colour, background) caption of the built-in data set, samples N images with
 held-out seeds, classifies each image's shape, colour and background with
-``ldm.data.synthetic.classify_scene`` (no learned model) and reports how often each fact matches
+``ldm.evaluation.pixel_scene_classifier.classify_scene`` (no learned model) and reports how often each fact matches
 the prompt. The same classifier is run on real validation images first, so the table shows how
 far the measurement itself can be trusted.
 

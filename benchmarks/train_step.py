@@ -32,12 +32,10 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine_info  # noqa: E402
+from benchmarks.common import ROOT, machine_info, unet_pair  # noqa: E402
 from benchmarks.unet import synchronize  # noqa: E402
-from ldm.checkpoints import diffusers_unet_to_ldm  # noqa: E402
 from ldm.diffusion.objectives import q_sample  # noqa: E402
 from ldm.diffusion.schedules import NoiseSchedule  # noqa: E402
-from ldm.models.unet import UNetModel  # noqa: E402
 from ldm.training.throughput import measured_peak_tflops, unet_training_flops  # noqa: E402
 
 # Preset (configs/model/unet/NAME.yaml), latent side, context tokens, default batch per device type.
@@ -50,46 +48,17 @@ GPU_BF16_PEAK_TFLOPS = [("H200", 989.4), ("H100 80GB HBM3", 989.4), ("H100 SXM",
                         ("H100 PCIe", 756.0), ("H100", 756.0), ("A100", 312.0), ("L40S", 362.0)]
 
 
-def unet_config(preset: str) -> dict:
+def preset_arguments(preset: str) -> dict:
     """Keyword arguments of UNetModel from a config preset (without ``_target_``)."""
     config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/unet" / f"{preset}.yaml"))
     config.pop("_target_")
     return config
 
 
-def diffusers_arguments(config: dict, latent_size: int) -> dict:
-    """UNet2DConditionModel arguments for the ldm UNetModel arguments ``config`` (the same network)."""
-    levels = len(config["channel_mult"])
-    channels = [config["model_channels"] * m for m in config["channel_mult"]]
-    attention = [2**level in config["attention_resolutions"] for level in range(levels)]
-    if config.get("num_head_channels", -1) != -1:
-        heads = [c // config["num_head_channels"] for c in channels]  # diffusers' attention_head_dim is a head count
-    else:
-        heads = [config["num_heads"]] * levels
-    return dict(
-        sample_size=latent_size, in_channels=config["in_channels"], out_channels=config["out_channels"],
-        block_out_channels=tuple(channels), layers_per_block=config["num_res_blocks"],
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        attention_head_dim=heads, cross_attention_dim=config["context_dim"],
-        use_linear_projection=config.get("use_linear_in_transformer", False),
-        norm_num_groups=config.get("norm_num_groups", 32), upcast_attention=config.get("upcast_attention", False),
-        transformer_layers_per_block=config.get("transformer_depth", 1),
-    )
-
-
 def build_pair(size: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """(ldm UNetModel, diffusers UNet2DConditionModel, ldm config) with the same weights."""
-    import diffusers  # only benchmarks and tests use diffusers
-
-    config = unet_config(SIZES[size]["preset"])
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DConditionModel(**diffusers_arguments(config, SIZES[size]["latent_size"]))
-    with torch.no_grad():  # perturb every weight, so zero-initialised output layers cannot hide a difference
-        for parameter in reference.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    unet = UNetModel(**config)
-    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), config["num_res_blocks"]), strict=True)
+    config = preset_arguments(SIZES[size]["preset"])
+    unet, reference = unet_pair(config, SIZES[size]["latent_size"])
     return unet, reference, config
 
 

@@ -24,9 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine_info  # noqa: E402
-from ldm.checkpoints import diffusers_unet_to_ldm  # noqa: E402
-from ldm.models.unet import UNetModel  # noqa: E402
+from benchmarks.common import ROOT, machine_info, unet_pair  # noqa: E402
 
 # Two sizes that fit a 2-core CPU: an SD-1-style U-Net at a quarter of SD's width, and one at half
 # width with SD's four levels. Latents 32x32 (256-pixel images), 77 context tokens.
@@ -41,29 +39,7 @@ LATENT_SIZE, CONTEXT_TOKENS = 32, 77
 
 def build_pair(size: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(ldm UNetModel, diffusers UNet2DConditionModel) of one configuration, with the same weights."""
-    import diffusers  # only benchmarks and tests use diffusers
-
-    config = SIZES[size]
-    levels = len(config["channel_mult"])
-    attention_levels = {level for level in range(levels) if 2 ** level in config["attention_resolutions"]}
-    torch.manual_seed(0)
-    reference = diffusers.UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=tuple(config["model_channels"] * m for m in config["channel_mult"]),
-        down_block_types=tuple("CrossAttnDownBlock2D" if level in attention_levels else "DownBlock2D"
-                               for level in range(levels)),
-        up_block_types=tuple("CrossAttnUpBlock2D" if level in attention_levels else "UpBlock2D"
-                             for level in reversed(range(levels))),
-        cross_attention_dim=config["context_dim"], attention_head_dim=config["num_heads"],
-    )
-    with torch.no_grad():  # perturb every weight, so zero-initialised output layers cannot hide a difference
-        for parameter in reference.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    unet = UNetModel(model_channels=config["model_channels"], channel_mult=config["channel_mult"],
-                     attention_resolutions=config["attention_resolutions"], num_res_blocks=2,
-                     num_heads=config["num_heads"], context_dim=config["context_dim"])
-    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), layers_per_block=2), strict=True)
-    return unet, reference
+    return unet_pair({key: value for key, value in SIZES[size].items() if key != "batch"}, LATENT_SIZE)
 
 
 def inputs(size: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,13 +22,13 @@ from ldm.data.shards import (
     MODES,
     ShardStream,
     collate_samples,
-    distributed_rank_and_world_size,
     expand_shards,
     image_text_dataset,
     read_tar_samples,
 )
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import SyntheticSet
+from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -251,16 +251,15 @@ class ShardDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position: batches per rank, and samples over all ranks (for the logs)."""
-        world_size = self.trainer.world_size if self.trainer is not None else distributed_rank_and_world_size()[1]
+        """The training stream's position (batches per rank) and the settings it depends on."""
+        world_size = self.trainer.world_size if self.trainer is not None else rank_and_world_size()[1]
         return {"train_batches_consumed": self.train_batches_consumed, "batch_size": self.batch_size,
                 "num_workers": self.num_workers, "train_epoch_length": self.train_epoch_length,
-                "world_size": world_size,
-                "train_samples_consumed": self.train_batches_consumed * self.batch_size * world_size}
+                "world_size": world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where the checkpoint left it (the same settings give the same stream)."""
-        world_size = self.trainer.world_size if self.trainer is not None else distributed_rank_and_world_size()[1]
+        world_size = self.trainer.world_size if self.trainer is not None else rank_and_world_size()[1]
         saved = {key: state_dict[key] for key in ("batch_size", "num_workers", "train_epoch_length", "world_size")}
         now = {"batch_size": self.batch_size, "num_workers": self.num_workers,
                "train_epoch_length": self.train_epoch_length, "world_size": world_size}

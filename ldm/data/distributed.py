@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ldm.ranks import rank_and_world_size
+
 
 class EndTogether:
     """Iterates ``loader``; before each batch all ranks agree (one all-reduce of a flag) whether
@@ -23,7 +25,7 @@ class EndTogether:
         self.loader = loader
 
     def __iter__(self) -> Iterator[Any]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if rank_and_world_size(from_launcher=False)[1] == 1:
             yield from self.loader
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"

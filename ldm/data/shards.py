@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from webdataset.tariterators import base_plus_ext
 from ldm.data.filters import MetadataFilters, caption_candidates, choose_caption
 from ldm.data.skips import SkipCounter
 from ldm.data.transforms import decode_rgb, open_image, resize_and_crop, to_tensor
+from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +75,6 @@ def expand_sources(
         raise ValueError(f"source_weights={weights} must be >= 0 with a positive sum")
     sources = [expand_shards(source) for source in shards]
     return sources, [w / sum(weights) for w in weights]
-
-
-def distributed_rank_and_world_size() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _worker_id_and_count() -> tuple[int, int]:
@@ -233,7 +226,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if (rank is None) != (world_size is None):
             raise ValueError(f"give both rank and world_size or neither (got rank={rank}, world_size={world_size})")
         if rank is None:
-            rank, world_size = distributed_rank_and_world_size()
+            rank, world_size = rank_and_world_size()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         if mode == "resampled":
@@ -403,7 +396,6 @@ class ImageTextDataset(ShardStream):
         mode = mode or ("resampled" if train else "exactly_once")
         super().__init__(shards, mode, augment=train, **stream_options)
         self.resolution = resolution
-        self.train = train
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.keep_metadata = keep_metadata

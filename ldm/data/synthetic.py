@@ -2,8 +2,8 @@
 
 Each scene has three facts that its caption states exactly ("a red circle on a white background"):
 the shape, its colour and the background. Size and position vary but are not captioned. Because the
-facts can be read back from the pixels (``classify_scene``), the set measures whether a generated
-image follows its prompt without any learned model.
+facts can be read back from the pixels (``ldm.evaluation.pixel_scene_classifier``), the set measures
+whether a generated image follows its prompt without any learned model.
 
 Shards use the img2dataset layout: per sample ``KEY.png``, ``KEY.txt`` (caption) and ``KEY.json``
 (metadata), KEY = 9 digits (shard index * samples per shard + index in shard).
@@ -15,19 +15,18 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tarfile
 import time
-import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
+from ldm.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +187,7 @@ def write_synthetic_shards(
     paths = []
     for shard_index in range(math.ceil(num_samples / samples_per_shard)):
         path = out_dir / f"{split}-{shard_index:06d}.tar"
-        partial = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic_write(path) as partial, tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
             first = shard_index * samples_per_shard
             for index in range(first, min(first + samples_per_shard, num_samples)):
                 scene = facts[index]
@@ -203,7 +201,6 @@ def write_synthetic_shards(
                 _add_file(tar, f"{key}.png", _png_bytes(image))
                 _add_file(tar, f"{key}.txt", caption.encode())
                 _add_file(tar, f"{key}.json", json.dumps(metadata, sort_keys=True).encode())
-        os.replace(partial, path)
         paths.append(path)
     return paths
 
@@ -244,24 +241,22 @@ def ensure_synthetic_dataset(
         return specs
 
     started = time.perf_counter()
-    staging = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train")
-        write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val")
-        (staging / MARKER_NAME).write_text(json.dumps(parameters, sort_keys=True))
-        if directory.exists():
-            if _read_marker(directory) == parameters:  # another process finished first
-                return specs
-            logger.warning("Replacing %s: an incomplete set, or one made with other parameters than %s",
-                           directory, parameters)
-            shutil.rmtree(directory)
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if _read_marker(directory) != parameters:  # lost a race to a set with other parameters
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_write(directory) as staging:
+            write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train")
+            write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val")
+            (staging / MARKER_NAME).write_text(json.dumps(parameters, sort_keys=True))
+            if directory.exists():
+                if _read_marker(directory) == parameters:  # another process finished first: keep its set
+                    shutil.rmtree(staging)  # (atomic_write then renames nothing)
+                    return specs
+                logger.warning("Replacing %s: an incomplete set, or one made with other parameters than %s",
+                               directory, parameters)
+                shutil.rmtree(directory)
+    except OSError:
+        if _read_marker(directory) != parameters:  # not a race lost to a process that wrote the same set
+            raise
+        return specs
     logger.info(
         "Generated the synthetic set (%d train + %d val images, %d px) in %s in %.1f s",
         num_train, num_val, resolution, directory, time.perf_counter() - started,
@@ -301,142 +296,3 @@ def _read_marker(directory: Path) -> dict | None:
         return json.loads((directory / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _as_rgb_array(
-    image: np.ndarray | Image.Image | torch.Tensor, value_range: tuple[float, float] | None
-) -> np.ndarray:
-    """(H, W, 3) float64 in [0, 255] from a PIL image, an (H, W, 3) array or a (3, H, W) tensor
-    (value ranges as described in ``classify_scene``)."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float64)
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
-        floating = image.is_floating_point()
-        array = image.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
-    else:
-        array = np.asarray(image)
-        if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
-            array = array.transpose(1, 2, 0)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {array.shape}")
-        floating = np.issubdtype(array.dtype, np.floating)
-        array = array.astype(np.float64)
-    if value_range is None:
-        value_range = ((-1.0 if array.min() < _SIGNED_RANGE_BELOW else 0.0), 1.0) if floating else (0.0, 255.0)
-    low, high = value_range
-    return np.clip((array - low) * (255.0 / (high - low)), 0.0, 255.0)
-
-
-def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
-    names = list(palette)
-    distances = np.linalg.norm(np.asarray([palette[n] for n in names], dtype=np.float64) - value, axis=-1)
-    return names[int(np.argmin(distances))]
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a boolean mask (label propagation; fine for small images)."""
-    height, width = mask.shape
-    big = height * width
-    labels = np.where(mask, np.arange(big).reshape(height, width), big)
-    while True:
-        padded = np.pad(labels, 1, constant_values=big)
-        neighbours = np.minimum.reduce([
-            labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:],
-        ])
-        updated = np.where(mask, neighbours, big)
-        if np.array_equal(updated, labels):
-            break
-        labels = updated
-    values, counts = np.unique(labels[mask], return_counts=True)
-    return labels == values[np.argmax(counts)]
-
-
-# Pixels this far (RGB distance) from the background are shape candidates: under half the smallest
-# background-to-colour distance (gray to red, ~221), far above noise of std 0.05 (~22 in 0..255 units).
-_CANDIDATE_DISTANCE = 80.0
-# Shape features, measured on the shape's coverage ("alpha") so they hold at a few pixels' size:
-# fill = area / (width * height): square 1, circle pi/4 ~ 0.785 (seen: <= 0.85 with blur and noise,
-# square >= 0.95); vertical skewness of the area: upright triangle -2*sqrt(2)/5 ~ -0.57, the others 0.
-_SQUARE_MIN_FILL = 0.9
-_TRIANGLE_MAX_SKEW = -0.25
-# Float tensors below this are taken to be in [-1, 1]: a scene in [-1, 1] always holds a channel near -1.
-_SIGNED_RANGE_BELOW = -0.25
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    for _ in range(steps):
-        padded = np.pad(mask, 1)
-        mask = np.logical_or.reduce([
-            padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-        ])
-    return mask
-
-
-def _shape_from_coverage(coverage: np.ndarray) -> str:
-    """Circle, square or triangle from a (H, W) map of shape coverage in [0, 1] (zero off the shape)."""
-    area = coverage.sum()
-    # The mean of the 3 longest rows/columns: robust to noise on one line.
-    width = np.sort(coverage.sum(axis=1))[-3:].mean()
-    height = np.sort(coverage.sum(axis=0))[-3:].mean()
-    fill = area / max(width * height, 1e-6)
-    row_mass = coverage.sum(axis=1) / area
-    y = np.arange(coverage.shape[0], dtype=np.float64)
-    mean = (row_mass * y).sum()
-    variance = (row_mass * (y - mean) ** 2).sum()
-    skewness = (row_mass * (y - mean) ** 3).sum() / max(variance, 1e-6) ** 1.5
-    if skewness < _TRIANGLE_MAX_SKEW:
-        return "triangle"
-    return "square" if fill >= _SQUARE_MIN_FILL else "circle"
-
-
-def classify_scene(
-    image: np.ndarray | Image.Image | torch.Tensor, value_range: tuple[float, float] | None = None
-) -> dict[str, str]:
-    """Read a scene's facts from its pixels: ``{"shape", "colour", "background"}`` (names as in the captions).
-
-    ``image``: PIL image; (H, W, 3) array (uint8 in [0, 255], float in [0, 1]); or (3, H, W) tensor
-    (uint8; float in [0, 1], or in [-1, 1] when it holds values below -0.25, as the data pipeline's
-    images do). ``value_range=(low, high)`` overrides the guess for float input.
-    Pixel statistics only, no learned model: background = the background colour that most border
-    pixels are nearest to; shape pixels = those at least half way from the background colour to the
-    shape's colour (largest connected region); colour = nearest palette colour to the median of the
-    shape's core; shape = from its coverage map: vertical skewness (triangle) and area over width x
-    height (square ~1, circle ~pi/4). Shape and colour are ``"none"`` when no shape is found.
-    """
-    pixels = _as_rgb_array(image, value_range)
-    height, width, _ = pixels.shape
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-
-    palette = {**BACKGROUNDS, **COLOURS}
-    palette_values = np.asarray(list(palette.values()), dtype=np.float64)
-    nearest = np.argmin(np.linalg.norm(border[:, None, :] - palette_values[None], axis=-1), axis=1)
-    votes = np.bincount(nearest, minlength=len(palette))[: len(BACKGROUNDS)]
-    if votes.max() > 0:
-        winner = int(np.argmax(votes))
-        background = list(BACKGROUNDS)[winner]
-        background_value = np.median(border[nearest == winner], axis=0)
-    else:  # no border pixel looks like any background: take the nearest to their median
-        background_value = np.median(border, axis=0)
-        background = _nearest(background_value, BACKGROUNDS)
-
-    none = {"shape": "none", "colour": "none", "background": background}
-    distance = np.linalg.norm(pixels - background_value, axis=-1)
-    candidates = distance > _CANDIDATE_DISTANCE
-    min_pixels = max(4, int(0.002 * height * width))
-    if candidates.sum() < min_pixels:
-        return none
-    core = candidates & (distance >= 0.8 * np.percentile(distance[candidates], 95))
-    shape_value = np.median(pixels[core], axis=0)
-    colour = _nearest(shape_value, COLOURS)
-
-    direction = shape_value - background_value
-    alpha = (pixels - background_value) @ direction / max(float(direction @ direction), 1e-6)
-    inside = alpha >= 0.5
-    if inside.sum() < min_pixels:
-        return {**none, "colour": colour}
-    region = _dilate(_largest_component(inside), steps=2)  # the shape and its anti-aliased or blurred rim
-    coverage = np.where(region, np.clip(alpha, 0.0, 1.0), 0.0)
-    return {"shape": _shape_from_coverage(coverage), "colour": colour, "background": background}

@@ -11,12 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from ldm.ranks import rank_and_world_size
 
 
 def sample_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
@@ -31,7 +26,7 @@ def gather_in_order(indices: list[int], values: Any) -> list[Any]:
     if len(items) != len(indices):
         raise ValueError(f"{len(items)} values for {len(indices)} sample indices")
     pairs = list(zip(indices, items))
-    _, world_size = rank_and_world_size()
+    _, world_size = rank_and_world_size(from_launcher=False)
     if world_size > 1:
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, pairs)
@@ -42,14 +37,5 @@ def gather_in_order(indices: list[int], values: Any) -> list[Any]:
 
 def barrier() -> None:
     """Wait for all processes (no-op with one)."""
-    if rank_and_world_size()[1] > 1:
+    if rank_and_world_size(from_launcher=False)[1] > 1:
         dist.barrier()
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if rank_and_world_size()[1] == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from ldm.data.synthetic import parse_caption
-from ldm.evaluation.distributed import gather_in_order, rank_and_world_size, sample_indices
+from ldm.evaluation.distributed import gather_in_order, sample_indices
 from ldm.evaluation.metrics import distribution_metrics
 from ldm.evaluation.prompt_adherence import FACTS, adherence
 from ldm.evaluation.reference import extract_features
 from ldm.pipeline import TextToImagePipeline
+from ldm.ranks import rank_and_world_size
 
 
 @dataclass
@@ -60,7 +61,7 @@ def generate_and_score(
     or None, "images": (keep_images, 3, H, W) of the first samples (rank 0's view), "seconds": float}``.
     Every process must call this with the same arguments (CLIP score and the gathers are collective).
     """
-    rank, world_size = rank_and_world_size()
+    rank, world_size = rank_and_world_size(from_launcher=False)
     indices = sample_indices(len(captions), rank, world_size)
     local_captions = [captions[i] for i in indices]
     started = time.perf_counter()

@@ -16,19 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
-from ldm.evaluation.distributed import barrier, rank_and_world_size
+from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
 from ldm.evaluation.options import EvalOptions
 from ldm.evaluation.reference import reference_features
 from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
 from ldm.pipeline import TextToImagePipeline
+from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
 
 def rank_zero_first(build):
     """``build()`` on rank 0, then on the other ranks: whatever rank 0 caches on disk, they read."""
-    rank, _ = rank_and_world_size()
+    rank, _ = rank_and_world_size(from_launcher=False)
     result = build() if rank == 0 else None
     barrier()
     return result if rank == 0 else build()
@@ -51,7 +52,7 @@ def generation_captions(reference_captions: list[str], num_samples: int, prompts
 
 def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` as ``configs/eval.yaml`` describes; returns the results (written by rank 0)."""
-    rank, world_size = rank_and_world_size()
+    rank, world_size = rank_and_world_size(from_launcher=False)
     options = build_options(EvalOptions, cfg.eval, "eval")
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")

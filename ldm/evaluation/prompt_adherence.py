@@ -7,7 +7,8 @@ from collections import defaultdict
 
 from torch import Tensor
 
-from ldm.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, caption_for, classify_scene, parse_caption
+from ldm.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, caption_for, parse_caption
+from ldm.evaluation.pixel_scene_classifier import classify_scene
 
 FACTS = ("colour", "shape", "background")
 

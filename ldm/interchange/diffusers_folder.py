@@ -9,22 +9,14 @@ files are OpenCLIP's own BPE vocabulary in the CLIPTokenizer file format.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from ldm.checkpoints import (
-    diffusers_unet_to_ldm,
-    diffusers_vae_to_ldm,
-    ldm_unet_to_diffusers,
-    ldm_vae_to_diffusers,
-    read_state_dict,
-    save_weights,
-)
+from ldm.atomic import atomic_write
+from ldm.checkpoints import read_state_dict, save_weights
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.clip_text import hf_text_to_open_clip, open_clip_text_to_hf
 from ldm.interchange.diffusers_configs import (
@@ -35,6 +27,12 @@ from ldm.interchange.diffusers_configs import (
     scheduler_config,
     unet_config,
     vae_config,
+)
+from ldm.interchange.diffusers_keys import (
+    diffusers_unet_to_ldm,
+    diffusers_vae_to_ldm,
+    ldm_unet_to_diffusers,
+    ldm_vae_to_diffusers,
 )
 from ldm.models.text_encoders import FrozenOpenCLIPTextEncoder
 
@@ -106,9 +104,7 @@ def write_diffusers_folder(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; choose a new output folder or remove it")
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_write(out_dir) as staging:
         vae_factor = 2 ** (len(vae_args["ch_mult"]) - 1)
         _write_json(staging / "model_index.json", MODEL_INDEX)
         _write_json(staging / "unet/config.json", unet_config(unet_args, int(vae_args["resolution"]) // vae_factor))
@@ -124,9 +120,6 @@ def write_diffusers_folder(
         write_tokenizer(text_encoder.tokenizer, text_encoder.context_length, text_encoder.pad_token_id,
                         staging / "tokenizer")
         _write_json(staging / "scheduler/scheduler_config.json", scheduler_config(schedule, prediction_type))
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -12,27 +12,54 @@ from typing import Any
 
 from torch import Tensor
 
-from ldm.checkpoints import (
-    ORIGINAL_UNET_PREFIX,
-    ORIGINAL_VAE_PREFIX,
-    original_ema_key,
-    read_state_dict,
-    save_weights,
-    split_original_checkpoint,
-)
+from ldm.checkpoints import CheckpointMismatchError, read_state_dict, save_weights
 from ldm.interchange.clip_text import hf_text_to_open_clip, open_clip_text_to_hf, used_text_keys
 
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+ORIGINAL_VAE_PREFIX = "first_stage_model."
+ORIGINAL_EMA_PREFIX = "model_ema."
 OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
 HF_TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_LAYOUTS = ("open_clip", "hf")
 
 
+def _keys_under(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries whose keys start with ``prefix``, with the prefix removed."""
+    return {key.removeprefix(prefix): tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
+
+
+def original_ema_key(unet_key: str) -> str:
+    """Where an original SD checkpoint keeps the EMA copy of a U-Net weight: the EMA stores each
+    ``model.<name>`` as a buffer named ``model_ema.<name without dots>``."""
+    return ORIGINAL_EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_original_checkpoint(state_dict: dict[str, Tensor], use_ema: bool = False) -> dict[str, dict[str, Tensor]]:
+    """An original SD checkpoint's tensors -> ``{"unet": ..., "vae": ...}`` in ldm's key names.
+
+    With ``use_ema`` the U-Net takes the checkpoint's EMA weights; a checkpoint without them (or
+    with only some) raises ``CheckpointMismatchError`` naming what is missing.
+    """
+    unet, vae = (_keys_under(state_dict, prefix) for prefix in (ORIGINAL_UNET_PREFIX, ORIGINAL_VAE_PREFIX))
+    if not unet or not vae:
+        raise CheckpointMismatchError(
+            f"not an original SD checkpoint: no keys under {ORIGINAL_UNET_PREFIX!r}" if not unet
+            else f"not a full original SD checkpoint: no VAE keys under {ORIGINAL_VAE_PREFIX!r}")
+    if use_ema:
+        missing = sorted(original_ema_key(key) for key in unet if original_ema_key(key) not in state_dict)
+        if missing:
+            raise CheckpointMismatchError(f"use_ema: the checkpoint lacks {len(missing)} EMA weight(s), e.g. "
+                                          + ", ".join(missing[:5]))
+        unet = {key: state_dict[original_ema_key(key)] for key in unet}
+    return {"unet": unet, "vae": vae}
+
+
 def original_text_encoder(state_dict: dict[str, Tensor]) -> dict[str, Tensor] | None:
     """The text tower of an original checkpoint in OpenCLIP keys, or None when it has none."""
-    open_clip = {k.removeprefix(OPEN_CLIP_TEXT_PREFIX): v for k, v in state_dict.items() if k.startswith(OPEN_CLIP_TEXT_PREFIX)}
+    open_clip = _keys_under(state_dict, OPEN_CLIP_TEXT_PREFIX)
     if open_clip:
         return used_text_keys(open_clip)
-    hf = {k.removeprefix(HF_TEXT_PREFIX): v for k, v in state_dict.items() if k.startswith(HF_TEXT_PREFIX)}
+    hf = _keys_under(state_dict, HF_TEXT_PREFIX)
     return hf_text_to_open_clip(hf) if hf else None
 
 

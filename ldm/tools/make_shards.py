@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+
+from ldm.atomic import atomic_write
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -91,43 +93,44 @@ def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard
     out_dir.mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(samples_per_shard - 1)))
     skipped: Counter[str] = Counter()
+    entries = readable_entries(records, skipped)
     written, shard_paths = 0, []
-    writer, temporary, target = None, None, None
+    for shard in itertools.count():
+        first = next(entries, None)
+        if first is None:
+            break
+        target = out_dir / f"{shard:05d}.tar"
+        with atomic_write(target) as temporary, wds.TarWriter(str(temporary), encoder=False) as writer:
+            for index, (record, extension, data, width, height) in enumerate(
+                    itertools.chain([first], itertools.islice(entries, samples_per_shard - 1))):
+                key = f"{shard:05d}{index:0{digits}d}"
+                metadata = {**record["extra"], "key": key, "caption": record["caption"], "status": "success",
+                            "url": str(record["path"]), "width": width, "height": height,
+                            "original_width": width, "original_height": height}
+                writer.write({"__key__": key, extension: data, "txt": record["caption"].encode(),
+                              "json": json.dumps(metadata, sort_keys=True, default=str).encode()})
+                written += 1
+        shard_paths.append(target)
+    return {"samples": written, "shards": len(shard_paths), "skipped": dict(skipped),
+            "shard_spec": str(out_dir / f"{{00000..{max(len(shard_paths) - 1, 0):05d}}}.tar")}
 
-    def finish() -> None:
-        if writer is not None:
-            writer.close()
-            os.replace(temporary, target)
-            shard_paths.append(target)
 
+def readable_entries(records: Iterable[dict], skipped: Counter[str]) -> Iterator[tuple[dict, str, bytes, int, int]]:
+    """(record, extension, bytes, width, height) of the records with a caption and a readable image; the
+    others are counted in ``skipped`` by reason."""
     for record in records:
         if not record["caption"]:
             skipped["missing_caption"] += 1
             continue
         try:
-            extension, data, width, height = image_entry(Path(record["path"]))
+            entry = image_entry(Path(record["path"]))
         except FileNotFoundError:
             skipped["missing_image"] += 1
             continue
         except Exception:  # PIL raises many types for corrupt files
             skipped["corrupt_image"] += 1
             continue
-        shard, index = divmod(written, samples_per_shard)
-        if index == 0:
-            finish()
-            target = out_dir / f"{shard:05d}.tar"
-            temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            writer = wds.TarWriter(str(temporary), encoder=False)
-        key = f"{shard:05d}{index:0{digits}d}"
-        metadata = {**record["extra"], "key": key, "caption": record["caption"], "status": "success",
-                    "url": str(record["path"]), "width": width, "height": height,
-                    "original_width": width, "original_height": height}
-        writer.write({"__key__": key, extension: data, "txt": record["caption"].encode(),
-                      "json": json.dumps(metadata, sort_keys=True, default=str).encode()})
-        written += 1
-    finish()
-    return {"samples": written, "shards": len(shard_paths), "skipped": dict(skipped),
-            "shard_spec": str(out_dir / f"{{00000..{max(len(shard_paths) - 1, 0):05d}}}.tar")}
+        yield (record, *entry)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,11 +31,13 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from torch import nn
 
+from ldm.atomic import atomic_write
 from ldm.checkpoints import load_weights
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
 from ldm.data.shards import ImageTextDataset, collate_samples, expand_shards
 from ldm.data.skips import SkipCounter
+from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger("ldm.tools.precompute_latents")
 
@@ -66,9 +68,8 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
             raise ValueError(f"{path} was written with other settings ({shown}); use another --out-dir, or the "
                              f"same VAE, VAE weights, text encoder and resolution")
         return
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
 @torch.no_grad()
@@ -89,24 +90,22 @@ def encode_shard(
     dataset = ImageTextDataset(url, resolution, train=False, keep_metadata=True, skip_counter=counter, rank=0,
                                world_size=1, filters=filters)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with wds.TarWriter(str(temporary), encoder=False) as writer:
-        for batch in loader:
-            with autocast:
-                posterior = vae.encode(batch["image"].to(device))
-                text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
-            for index, key in enumerate(batch["key"]):
-                metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
-                            "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
-                writer.write(latent_sample_files(
-                    key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
-                    text_states[index] if text_states is not None else None,
-                ))
-    if counter.samples_skipped_by_reason["unreadable_shard"]:
-        temporary.unlink(missing_ok=True)
-    else:
-        os.replace(temporary, target)
+    with atomic_write(target) as temporary:
+        with wds.TarWriter(str(temporary), encoder=False) as writer:
+            for batch in loader:
+                with autocast:
+                    posterior = vae.encode(batch["image"].to(device))
+                    text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
+                for index, key in enumerate(batch["key"]):
+                    metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
+                                "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
+                    writer.write(latent_sample_files(
+                        key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
+                        text_states[index] if text_states is not None else None,
+                    ))
+        if counter.samples_skipped_by_reason["unreadable_shard"]:
+            temporary.unlink()  # so that a re-run retries this shard
     return counter
 
 
@@ -180,14 +179,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-encoder-weights", default=None)
     parser.add_argument("--resolution", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-parts", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    parser.add_argument("--part", type=int, default=int(os.environ.get("RANK", 0)))
+    parser.add_argument("--num-parts", type=int, default=None, help="default: the launcher's WORLD_SIZE, else 1")
+    parser.add_argument("--part", type=int, default=None, help="default: the launcher's RANK, else 0")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="encode under autocast")
     parser.add_argument("--min-width", type=int, default=None, help="leave out images narrower than this")
     parser.add_argument("--min-height", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rank, world_size = rank_and_world_size()
+    part = rank if args.part is None else args.part
+    num_parts = world_size if args.num_parts is None else args.num_parts
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     vae, vae_config, vae_metadata = build(args.vae, args.vae_weights)
@@ -199,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_encoder": text_config, "text_encoder_weights": args.text_encoder_weights,
     }
     summary = precompute_latents(
-        args.shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=args.part,
-        num_parts=args.num_parts, device=device, text_encoder=text_encoder,
+        args.shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=part,
+        num_parts=num_parts, device=device, text_encoder=text_encoder,
         filters=MetadataFilters(min_width=args.min_width, min_height=args.min_height),
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast],
     )

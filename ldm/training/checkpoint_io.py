@@ -2,60 +2,20 @@
 
 from __future__ import annotations
 
-import glob
-import io
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TEMP_INFIX = ".tmp-"
+from ldm.atomic import atomic_write
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` such that a kill at any moment leaves the old file or the new one, never a part.
-
-    The bytes go to ``.{name}.tmp-{pid}`` in the same directory (a rename is atomic only within one
-    file system), are fsynced, and replace ``path`` with ``os.replace``; the directory is fsynced so the
-    rename itself survives a power cut. Temporary files left by a writer that was killed are removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(str(path.parent / f".{glob.escape(path.name)}{TEMP_INFIX}*")):
-        _remove_if_orphaned(stale)
-    temporary = path.parent / f".{path.name}{TEMP_INFIX}{os.getpid()}"
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(buffer.getbuffer())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def _remove_if_orphaned(temporary: str) -> None:
-    """Remove a temporary checkpoint whose writing process no longer runs (it was killed mid-write)."""
-    try:
-        pid = int(temporary.rsplit(TEMP_INFIX, 1)[1])
-        os.kill(pid, 0)
-        if pid != os.getpid():
-            return  # another live process is writing it
-    except (ValueError, ProcessLookupError):
-        pass
-    except PermissionError:
-        return  # alive, owned by someone else
-    Path(temporary).unlink(missing_ok=True)
+    """``torch.save(obj, path)`` such that a kill at any moment leaves the old file or the new one, never a part
+    (see ``ldm.atomic.atomic_write``)."""
+    with atomic_write(path) as temporary:
+        torch.save(obj, temporary)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -9,10 +9,11 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.evaluation.distributed import barrier, rank_and_world_size
+from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, generate_and_score
 from ldm.evaluation.metrics import fid_from_features
 from ldm.evaluation.reference import reference_features
+from ldm.ranks import rank_and_world_size
 
 
 class FIDCallback(L.Callback):
@@ -58,7 +59,7 @@ class FIDCallback(L.Callback):
         urls = getattr(datamodule, "val_urls", None)
         if not urls:
             raise ValueError("callbacks.fid needs validation shards (data.val_shards, or data=synthetic)")
-        rank, _ = rank_and_world_size()
+        rank, _ = rank_and_world_size(from_launcher=False)
         resolution = int(datamodule.resolution)
 
         def build() -> tuple[nn.Module, Tensor, list[str]]:

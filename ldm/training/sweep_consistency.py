@@ -7,12 +7,15 @@ from typing import Any
 import lightning as L
 import torch.distributed as dist
 
+from ldm.ranks import rank_and_world_size
+
 
 def check_same_on_all_ranks(values: dict[str, Any]) -> None:
     """Raise RuntimeError, on every rank, if any rank's ``values`` differ from rank 0's (no-op with one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world_size = rank_and_world_size(from_launcher=False)
+    if world_size == 1:
         return
-    gathered: list[Any] = [None] * dist.get_world_size()
+    gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, dict(values))
     reference = gathered[0]
     differing = {rank: {k: v for k, v in other.items() if reference.get(k) != v} for rank, other in enumerate(gathered)}

@@ -1,4 +1,8 @@
-"""Training throughput: images/s, latents/s, the U-Net's TFLOP/s and MFU, and time spent waiting for data."""
+"""Training throughput: images/s, latents/s, the U-Net's TFLOP/s and MFU, and time spent waiting for data.
+
+FLOPs are counted with Lightning's ``measure_flops``, and a GPU's peak comes from Lightning's data sheets
+(``get_available_flops``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -28,7 +32,7 @@ def meta_copy(module: nn.Module) -> nn.Module:
 def unet_training_flops(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> int:
     """FLOPs of one forward and backward pass of ``unet`` on inputs shaped like ``args``/``kwargs``.
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy, so nothing runs
+    Counted by Lightning's ``measure_flops`` (torch's FlopCounterMode) on a meta-device copy, so nothing runs
     and no memory is taken. Matmuls and convolutions count 2 FLOPs per multiply-add; the backward
     is counted as traced (about 2x the forward). Gradient checkpointing's recomputation is not
     counted (``use_checkpoint`` is off on the copy), as model FLOPs utilisation requires.
@@ -50,10 +54,7 @@ def unet_training_flops(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str
 
     meta_args = tuple(to_meta(a) for a in args)
     meta_kwargs = {k: to_meta(v) for k, v in (kwargs or {}).items()}
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(*meta_args, **meta_kwargs).float().square().mean().backward()
-    return counter.get_total_flops()
+    return measure_flops(model, lambda: model(*meta_args, **meta_kwargs), lambda output: output.float().square().mean())
 
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.3) -> float:
@@ -70,6 +71,15 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 2
             _synchronize(device)
     _synchronize(device)
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's dense peak TFLOP/s in ``dtype`` and where it came from: Lightning's data sheet for a
+    known GPU, else a matmul measured here (``measured_peak_tflops``; CPUs have no data sheet)."""
+    available = get_available_flops(device, dtype)
+    if available:
+        return available / 1e12, f"data sheet, {dtype}"
+    return measured_peak_tflops(device, dtype), f"measured matmul, {dtype}"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -89,17 +99,32 @@ def precision_dtype(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
+def batch_images_and_latents(batch: Any) -> tuple[int, int]:
+    """(images, latents) in a training batch: pixel images (``batch["image"]``, each encoded to one latent)
+    or precomputed latents (``batch["latent_mean"]``, each the encoding of one image); (0, 0) for others."""
+    if isinstance(batch, dict):
+        for key in ("latent_mean", "image"):
+            if key in batch:
+                count = int(batch[key].shape[0])
+                return count, count
+    return 0, 0
+
+
+# Lightning's ThroughputMonitor callback logs samples/s and MFU under its own metric names, from a
+# ``flops_per_batch`` the module must provide, and refuses batches without samples; it does not time the wait
+# for data, restarts its timing around validation but not around checkpoint writes, and knows no CPU peak.
+# This callback adds those, on Lightning's FLOP counter and data-sheet peaks.
 class ThroughputMonitor(L.Callback):
     """Logs training speed every ``window`` optimizer steps, averaged over the window.
 
-    ``perf/images_per_s`` and ``perf/latents_per_s`` (all ranks), ``perf/unet_tflops`` (per device,
-    model FLOPs of the U-Net's forward and backward), ``perf/mfu`` (that over ``peak_tflops``) and
-    ``perf/data_wait_ms`` (per batch: from the end of one batch to the start of the next, the time the
-    loop waits for the dataloader). A window that validation or a checkpoint write interrupts starts
-    again after it. Images count ``batch["image"]``; latents count what the U-Net
-    trains on (``batch["latents"]`` for precomputed latents, else one per image).
-    ``peak_tflops``: the device's dense peak in the training precision (a GPU's data sheet, e.g.
-    989 for an H100 SXM in bf16); None measures a matmul on the device at the start (the CPU default).
+    ``perf/images_per_s`` and ``perf/latents_per_s`` (all ranks; images count pixel images and
+    precomputed latents alike, latents what the U-Net trains on, see ``batch_images_and_latents``),
+    ``perf/unet_tflops`` (per device, model FLOPs of the U-Net's forward and backward), ``perf/mfu``
+    (that over ``peak_tflops``) and ``perf/data_wait_ms`` (per batch: from the end of one batch to the
+    start of the next, the time the loop waits for the dataloader). A window that validation or a
+    checkpoint write interrupts starts again after it. ``peak_tflops``: the device's dense peak in the
+    training precision; None takes it from Lightning's data sheets for known GPUs (e.g. 989 for an H100
+    SXM in bf16), else measures a matmul on the device at the start (CPUs).
     """
 
     def __init__(self, window: int = 10, peak_tflops: float | None = None) -> None:
@@ -127,10 +152,9 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_tflops is None:
-            self.peak_tflops = measured_peak_tflops(pl_module.device, precision_dtype(trainer.precision))
-            pl_module.print(f"ThroughputMonitor: measured peak {self.peak_tflops:.3f} TFLOP/s on {pl_module.device} "
-                            f"(matmul, {precision_dtype(trainer.precision)}); set callbacks.throughput.peak_tflops "
-                            f"to the device's data-sheet peak for a standard MFU")
+            self.peak_tflops, source = device_peak_tflops(pl_module.device, precision_dtype(trainer.precision))
+            pl_module.print(f"ThroughputMonitor: peak {self.peak_tflops:.3f} TFLOP/s on {pl_module.device} ({source}); "
+                            f"set callbacks.throughput.peak_tflops to override it")
         unet = getattr(pl_module, "unet", None)
         if unet is not None and self._unet_meta is not None:
             def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -158,8 +182,7 @@ class ThroughputMonitor(L.Callback):
             self._window_start = time.perf_counter()
         elif self._last_batch_end is not None:
             self._data_wait += now - self._last_batch_end
-        images = batch["image"].shape[0] if isinstance(batch, dict) and "image" in batch else 0
-        latents = batch["latents"].shape[0] if isinstance(batch, dict) and "latents" in batch else images
+        images, latents = batch_images_and_latents(batch)
         self._images += images
         self._latents += latents
         self._batches += 1

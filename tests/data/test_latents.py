@@ -3,6 +3,7 @@ by parts; data=latents batches train LatentDiffusion with no VAE encode."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from ldm.checkpoints import save_weights
 from ldm.config import instantiate_module
@@ -149,3 +152,32 @@ def test_dropped_captions_get_the_empty_caption_states():
     assert torch.equal(context[1], empty[0]) and torch.equal(context[[0, 2]], states[[0, 2]])
     with pytest.raises(ValueError, match="differ from the text encoder"):
         precomputed_context(states, [""] * 3, lambda captions: torch.zeros(1, 77, 64))
+
+
+def train_entry():
+    """train.py as a module, so that a test runs its ``train(cfg)``."""
+    spec = importlib.util.spec_from_file_location("train_entry_for_latents", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[
+            "experiment=demo", "data=latents", f"data.train_shards='{latent_dir}/train-{{000000..000002}}.tar'",
+            "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8", "callbacks=default",
+            "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0", "logger=none",
+            "model.vae_weights=null", "model.latent_scale_factor=0.5", "trainer.max_steps=4",
+            "trainer.limit_val_batches=0", "trainer.max_time=null", "trainer.enable_progress_bar=false",
+            "ckpt_path=null",
+        ])
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        del cfg.hydra
+    metrics = train_entry().train(cfg)
+    assert metrics["perf/latents_per_s"] > 0 and metrics["perf/images_per_s"] == metrics["perf/latents_per_s"]
+    assert metrics["perf/unet_tflops"] > 0

@@ -6,8 +6,9 @@ import torch
 
 from hydra.errors import InstantiationException
 
-from ldm.checkpoints import read_state_dict
+from ldm.checkpoints import CheckpointMismatchError, read_state_dict
 from ldm.interchange.clip_text import used_text_keys
+from ldm.interchange.original_file import split_original_checkpoint
 from ldm.tools.export import export_module
 
 from .conftest import assert_same_tensors, build_module, tiny_module
@@ -69,3 +70,24 @@ def test_mismatched_or_incomplete_files_name_the_keys(tmp_path):
     with pytest.raises(InstantiationException, match="model.pretrained.ema is not an argument of PretrainedWeights; "
                                                       "did you mean model.pretrained.use_ema"):
         build_module(f"+model.pretrained.path={path}", "+model.pretrained.ema=true")
+
+
+def test_original_checkpoint_splits_into_unet_and_vae_and_takes_ema_weights_when_asked():
+    unet = {"input_blocks.0.0.weight": torch.randn(8, 4, 3, 3), "out.2.bias": torch.randn(4)}
+    vae = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3)}
+    ema = {"model_ema.diffusion_modelinput_blocks00weight": torch.randn(8, 4, 3, 3),
+           "model_ema.diffusion_modelout2bias": torch.randn(4)}
+    checkpoint = {**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
+                  **{f"first_stage_model.{k}": v for k, v in vae.items()},
+                  "cond_stage_model.model.positional_embedding": torch.randn(77, 8), **ema}
+    parts = split_original_checkpoint(checkpoint)
+    assert parts["unet"] == unet and parts["vae"] == vae
+    with_ema = split_original_checkpoint(checkpoint, use_ema=True)
+    assert torch.equal(with_ema["unet"]["input_blocks.0.0.weight"], ema["model_ema.diffusion_modelinput_blocks00weight"])
+    assert torch.equal(with_ema["unet"]["out.2.bias"], ema["model_ema.diffusion_modelout2bias"])
+
+    del checkpoint["model_ema.diffusion_modelout2bias"]
+    with pytest.raises(CheckpointMismatchError, match="model_ema.diffusion_modelout2bias"):
+        split_original_checkpoint(checkpoint, use_ema=True)
+    with pytest.raises(CheckpointMismatchError, match="no keys under 'model.diffusion_model.'"):
+        split_original_checkpoint(vae)

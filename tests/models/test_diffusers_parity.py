@@ -1,7 +1,7 @@
 """ldm's U-Net and VAE compute what diffusers' UNet2DConditionModel and AutoencoderKL compute, and their
 state-dict layout is the original checkpoint's, as diffusers' own single-file converter reads it.
 
-Diffusers weights come into ldm's (= the original) key layout through ``ldm.checkpoints``'
+Diffusers weights come into ldm's (= the original) key layout through ``ldm.interchange.diffusers_keys``'
 ``diffusers_unet_to_ldm`` / ``diffusers_vae_to_ldm`` and go back through ``ldm_unet_to_diffusers`` /
 ``ldm_vae_to_diffusers``.
 """
@@ -9,7 +9,12 @@ Diffusers weights come into ldm's (= the original) key layout through ``ldm.chec
 import pytest
 import torch
 
-from ldm.checkpoints import diffusers_unet_to_ldm, diffusers_vae_to_ldm, ldm_unet_to_diffusers, ldm_vae_to_diffusers
+from ldm.interchange.diffusers_keys import (
+    diffusers_unet_to_ldm,
+    diffusers_vae_to_ldm,
+    ldm_unet_to_diffusers,
+    ldm_vae_to_diffusers,
+)
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
 

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm.config import instantiate_module
-from ldm.data.shards import distributed_rank_and_world_size
 from ldm.diffusion.objectives import q_sample
+from ldm.ranks import rank_and_world_size
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red circle on a white background", "a blue square on a black background"]
@@ -29,7 +29,7 @@ class IndexedImages(IterableDataset):
     """Samples 0, 1, 2, ... split over ranks in turn (rank r: r, r + N, ...), read when iterated."""
 
     def __iter__(self):
-        rank, world_size = distributed_rank_and_world_size()
+        rank, world_size = rank_and_world_size()
         for index in range(rank, 64, world_size):
             image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index)) * 2 - 1
             yield {"image": image, "caption": CAPTIONS[index % 2], "index": index}

@@ -4,9 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.checkpoints import (
-    CheckpointMismatchError, diffusers_unet_to_ldm, diffusers_vae_to_ldm, ldm_unet_to_diffusers, ldm_vae_to_diffusers,
-    load_weights, read_metadata, read_state_dict, save_weights, split_original_checkpoint)
+from ldm.checkpoints import CheckpointMismatchError, load_weights, read_metadata, read_state_dict, save_weights
 
 
 class Payload:
@@ -59,45 +57,3 @@ def test_truncated_or_missing_files_give_clear_errors(tmp_path):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match="no weights file"):
         read_state_dict(tmp_path / "absent.safetensors")
-
-
-def test_diffusers_conversion_names_every_key_outside_the_layout():
-    weight = torch.zeros(4, 4)
-    unet = {"conv_in.weight": weight, "add_embedding.linear_1.weight": weight, "down_blocks.0.bogus.0.weight": weight}
-    with pytest.raises(CheckpointMismatchError, match="2 key") as error:
-        diffusers_unet_to_ldm(unet, layers_per_block=2)
-    assert "add_embedding.linear_1.weight" in str(error.value) and "down_blocks.0.bogus.0.weight" in str(error.value)
-    assert "conv_in.weight" not in str(error.value)
-    vae = {"encoder.conv_in.weight": weight, "text_model.embeddings.weight": weight}
-    with pytest.raises(CheckpointMismatchError, match="text_model.embeddings.weight"):
-        diffusers_vae_to_ldm(vae, num_levels=4)
-    assert diffusers_vae_to_ldm({"encoder.conv_in.weight": weight}, num_levels=4) == {"encoder.conv_in.weight": weight}
-
-
-def test_export_conversion_names_every_key_outside_the_original_layout():
-    weight = torch.zeros(4, 4)
-    with pytest.raises(CheckpointMismatchError, match="label_emb.0.0.weight"):
-        ldm_unet_to_diffusers({"input_blocks.0.0.weight": weight, "label_emb.0.0.weight": weight}, layers_per_block=2)
-    with pytest.raises(CheckpointMismatchError, match="encoder.down.0.attn.0.q.weight"):
-        ldm_vae_to_diffusers({"encoder.down.0.attn.0.q.weight": weight}, num_levels=4)
-
-
-def test_original_checkpoint_splits_into_unet_and_vae_and_takes_ema_weights_when_asked():
-    unet = {"input_blocks.0.0.weight": torch.randn(8, 4, 3, 3), "out.2.bias": torch.randn(4)}
-    vae = {"encoder.conv_in.weight": torch.randn(8, 3, 3, 3)}
-    ema = {"model_ema.diffusion_modelinput_blocks00weight": torch.randn(8, 4, 3, 3),
-           "model_ema.diffusion_modelout2bias": torch.randn(4)}
-    checkpoint = {**{f"model.diffusion_model.{k}": v for k, v in unet.items()},
-                  **{f"first_stage_model.{k}": v for k, v in vae.items()},
-                  "cond_stage_model.model.positional_embedding": torch.randn(77, 8), **ema}
-    parts = split_original_checkpoint(checkpoint)
-    assert parts["unet"] == unet and parts["vae"] == vae
-    with_ema = split_original_checkpoint(checkpoint, use_ema=True)
-    assert torch.equal(with_ema["unet"]["input_blocks.0.0.weight"], ema["model_ema.diffusion_modelinput_blocks00weight"])
-    assert torch.equal(with_ema["unet"]["out.2.bias"], ema["model_ema.diffusion_modelout2bias"])
-
-    del checkpoint["model_ema.diffusion_modelout2bias"]
-    with pytest.raises(CheckpointMismatchError, match="model_ema.diffusion_modelout2bias"):
-        split_original_checkpoint(checkpoint, use_ema=True)
-    with pytest.raises(CheckpointMismatchError, match="no keys under 'model.diffusion_model.'"):
-        split_original_checkpoint(vae)

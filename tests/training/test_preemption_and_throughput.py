@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.training.preemption import CheckpointAndRequeue
-from ldm.training.throughput import ThroughputMonitor, unet_training_flops
+from ldm.training.throughput import ThroughputMonitor, device_peak_tflops, unet_training_flops
 
 
 class Regression(L.LightningModule):
@@ -81,3 +81,8 @@ def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
     assert metrics["perf/unet_tflops"] > 0 and metrics["perf/data_wait_ms"] >= 0
     torch.testing.assert_close(metrics["perf/mfu"], metrics["perf/unet_tflops"])  # peak 1 TFLOP/s
     assert "perf/images_per_s" in metrics  # no images in this batch: 0
+
+
+def test_a_device_without_a_data_sheet_gets_a_measured_peak():
+    value, source = device_peak_tflops(torch.device("cpu"), torch.float32)  # Lightning's data sheets list GPUs only
+    assert value > 0 and source.startswith("measured matmul")
