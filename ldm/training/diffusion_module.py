@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.stratified import stratified_timesteps
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
@@ -40,6 +42,13 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     ``pretrained`` (``PretrainedWeights`` or its fields) starts from released weights (fine-tuning):
     ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
+
+    Validation also logs a stratified loss (``val_loss_bins`` > 0): every validation sample is noised at one
+    timestep in each of ``val_loss_bins`` equal-width bins of t, with timesteps and noise drawn from a
+    generator seeded by (``val_loss_seed``, the sample's key), and the latents are the VAE posterior's mode.
+    So the value depends on the weights alone: the same at every validation, in every run and on any number
+    of processes. Logged as ``val/loss_bin_{k}`` (k = 0 lowest noise) and their mean ``val/loss_stratified``;
+    the per-sample weighting is the training loss's.
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
+        val_loss_bins: int = 10,
+        val_loss_seed: int = 0,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
@@ -80,6 +91,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.offset_noise_strength = offset_noise_strength
         self.sample_posterior = sample_posterior
         self.vae_weights = vae_weights
+        if val_loss_bins < 0 or val_loss_bins > noise_schedule.num_train_timesteps:
+            raise ValueError(f"model.val_loss_bins={val_loss_bins} must lie in [0, "
+                             f"{noise_schedule.num_train_timesteps}] (0 turns the stratified validation loss off)")
+        self.val_loss_bins = val_loss_bins
+        self.val_loss_seed = val_loss_seed
         self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
         check_model_compatibility(unet, vae, text_encoder)
 
@@ -205,7 +221,50 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         context = self.batch_context(batch)
         loss = self.diffusion_loss(latents, context, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=latents.shape[0])
+        if self.val_loss_bins:
+            self._accumulate_stratified_loss(batch, batch_idx, context)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_bin_sums = torch.zeros(self.val_loss_bins, dtype=torch.float64, device=self.device)
+        self._val_bin_counts = torch.zeros(self.val_loss_bins, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def _accumulate_stratified_loss(self, batch: dict[str, Any], batch_idx: int, context: Tensor) -> None:
+        """Add this batch's per-sample losses at one timestep of each bin to the running per-bin sums."""
+        if "latent_mean" in batch:
+            latents = self.scale_latents(batch["latent_mean"])
+        else:
+            latents = self.scale_latents(self.vae.encode(batch["image"]).mode())
+        keys = batch.get("key") or [f"batch{batch_idx}-{i}" for i in range(latents.shape[0])]
+        generators = [torch.Generator().manual_seed(sample_seed(self.val_loss_seed, key)) for key in keys]
+        num_timesteps = self.noise_schedule.num_train_timesteps
+        # (B, K) timesteps and (B, K, C, h, w) noise, drawn on the CPU so every device sees the same numbers.
+        t = torch.stack([stratified_timesteps(g, num_timesteps, self.val_loss_bins) for g in generators])
+        noise = torch.stack([torch.randn((self.val_loss_bins, *latents.shape[1:]), generator=g) for g in generators])
+        t, noise = t.to(self.device), noise.to(self.device, latents.dtype)
+        for k in range(self.val_loss_bins):
+            x_t = q_sample(latents, t[:, k], noise[:, k], self.alphas_cumprod)
+            prediction = self.unet(x_t, t[:, k], context)
+            target = training_target(self.prediction_type, latents, noise[:, k], t[:, k], self.alphas_cumprod)
+            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            weights = loss_weights(self.loss_weighting, t[:, k], self.alphas_cumprod, self.prediction_type,
+                                   self.snr_gamma)
+            self._val_bin_sums[k] += (weights * per_sample).double().sum()
+            self._val_bin_counts[k] += latents.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_loss_bins or self.trainer is None:
+            return
+        # Sums over every rank's samples, then one division: the value does not depend on how samples were split.
+        sums = self.trainer.strategy.reduce(self._val_bin_sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._val_bin_counts, reduce_op="sum")
+        if not bool((counts > 0).all()):
+            return
+        per_bin = sums / counts
+        for k, value in enumerate(per_bin.tolist()):
+            self.log(f"val/loss_bin_{k}", value, sync_dist=True)  # equal on every rank: the mean keeps it
+        self.log("val/loss_stratified", float(per_bin.mean()), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
@@ -261,6 +320,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             for key, value in own.items():
                 if key.startswith(prefix):
                     checkpoint["state_dict"].setdefault(key, value)
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from (``seed``, a sample's key): the same sample gets the same noise in every run and process."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 def check_optimizer_arguments(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
