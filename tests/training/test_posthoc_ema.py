@@ -1,0 +1,76 @@
+"""Post-hoc EMA: snapshots of two power-function profiles reconstruct a directly tracked EMA of another sigma_rel."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from ema_pytorch.post_hoc_ema import KarrasEMA
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ldm.training.posthoc_ema import PostHocEMASnapshots, synthesize_state
+
+# A noisy regression: SGD keeps the weights wandering, so EMAs of different lengths differ clearly.
+STEPS, EVERY, SIGMA_REL = 400, 10, 0.08
+
+
+class NoisyRegression(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet = nn.Linear(16, 16)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.unet(x) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.unet.parameters(), lr=0.2)
+
+
+class DirectEMA(L.Callback):
+    """The EMA of SIGMA_REL tracked at every optimizer step, as the snapshots' profiles are."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.ema = KarrasEMA(pl_module.unet, sigma_rel=SIGMA_REL, update_every=1)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.ema.update()
+
+
+def fit(tmp_path, callbacks):
+    torch.manual_seed(0)
+    x = torch.randn(STEPS * 4, 16)
+    y = x @ torch.randn(16, 16) + torch.randn(STEPS * 4, 16)
+    module = NoisyRegression()
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    return module
+
+
+def test_reconstructed_sigma_rel_matches_the_directly_tracked_ema(tmp_path):
+    direct = DirectEMA()
+    module = fit(tmp_path, [PostHocEMASnapshots(str(tmp_path / "ema"), sigma_rels=(0.05, 0.1), every_n_steps=EVERY),
+                            direct])
+    assert len(list((tmp_path / "ema").glob("*.pt"))) == 2 * STEPS // EVERY
+    tracked = {k: v for k, v in direct.ema.ema_model.state_dict().items()}
+    synthesized = synthesize_state(tmp_path / "ema", SIGMA_REL)
+    raw = module.unet.state_dict()
+    error = max(float((synthesized[k] - tracked[k]).norm() / tracked[k].norm()) for k in tracked)
+    spread = max(float((raw[k] - tracked[k]).norm() / tracked[k].norm()) for k in tracked)
+    # Reconstruction error well below how far the EMA is from the raw weights (what averaging changes).
+    print(f"reconstruction error {error:.2e}, EMA vs raw {spread:.2e}")
+    assert error < 0.02 and error < spread / 5, (error, spread)
+    # and the other profiles' reconstructions differ from it by more than that error
+    other = synthesize_state(tmp_path / "ema", 0.2)
+    assert max(float((other[k] - tracked[k]).norm() / tracked[k].norm()) for k in tracked) > 2 * error
+
+
+def test_a_missing_snapshot_folder_and_bad_sigma_rel_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="posthoc_ema.json"):
+        synthesize_state(tmp_path, 0.1)
+    with pytest.raises(ValueError, match="sigma_rel=0.3"):
+        synthesize_state(tmp_path, 0.3)
+    with pytest.raises(ValueError, match="sigma_rels"):
+        PostHocEMASnapshots(str(tmp_path), sigma_rels=(0.1,))
