@@ -1,0 +1,55 @@
+"""Reconstruct the EMA of any relative standard deviation from a run's post-hoc EMA snapshots.
+
+    python -m ldm.tools.posthoc_ema --model outputs/train/RUN/model --snapshots outputs/train/RUN/posthoc_ema \\
+        --sigma-rel 0.08 --out outputs/train/RUN/model_ema_0.08
+
+The run must have trained with the post-hoc EMA callback (``callbacks=diffusion_posthoc_ema``), which
+writes the snapshots of two power-function EMA profiles. ``--model`` gives everything but the U-Net's
+weights (the run's model folder or a checkpoint); the U-Net becomes the least-squares combination of the
+snapshots (Karras et al. 2024, Algorithm 3) for ``--sigma-rel`` at ``--step`` (default: the last
+snapshot). The result is written as a diffusers folder (or ``--format sd``) that sample, eval and export
+take like any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
+from ldm.tools.export import FORMATS, export_pipeline
+from ldm.training.posthoc_ema import synthesize_state
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m ldm.tools.posthoc_ema", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--snapshots", required=True, help="the run's post-hoc EMA folder (holds posthoc_ema.json)")
+    parser.add_argument("--sigma-rel", type=float, required=True, help="relative standard deviation, in (0, 0.28)")
+    parser.add_argument("--step", type=int, default=None, help="the training step to reconstruct at (default: last)")
+    parser.add_argument("--format", choices=FORMATS, default="diffusers")
+    parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd) to write")
+    args = parser.parse_args(argv)
+    pipeline = load_pipeline(args)
+    apply_posthoc_ema(pipeline, args.snapshots, args.sigma_rel, args.step)
+    path = export_pipeline(pipeline, args.out, format=args.format)
+    print(f"wrote {path}: U-Net = post-hoc EMA sigma_rel={args.sigma_rel:g} from {args.snapshots}")
+    return path
+
+
+def apply_posthoc_ema(pipeline, snapshots: str | Path, sigma_rel: float, step: int | None = None) -> None:
+    """Replace ``pipeline.unet``'s weights with the post-hoc EMA of ``sigma_rel`` (snapshot keys must match)."""
+    state = pipeline.unet.state_dict()
+    synthesized = synthesize_state(snapshots, sigma_rel, step)
+    unknown = sorted(set(synthesized) - set(state))
+    if unknown or not synthesized:
+        raise ValueError(f"the snapshots in {snapshots} do not fit this model's U-Net (e.g. {unknown[:3]}); "
+                         "give --model from the same run")
+    state.update({key: value.to(state[key].dtype) for key, value in synthesized.items()})
+    pipeline.unet.load_state_dict(state)
+    pipeline.ema_state = None
+
+
+if __name__ == "__main__":
+    run_cli(main)
