@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ldm.data.synthetic import parse_caption
 from ldm.evaluation.distributed import gather_in_order, sample_indices
-from ldm.evaluation.metrics import distribution_metrics
+from ldm.evaluation.metrics import PooledPixelFeatures, distribution_metrics
 from ldm.evaluation.prompt_adherence import FACTS, adherence
 from ldm.evaluation.reference import extract_features
 from ldm.pipeline import TextToImagePipeline
@@ -54,11 +54,13 @@ def generate_and_score(
     feature_extractor: nn.Module,
     clip_score: Any | None = None,
     keep_images: int = 0,
+    pixel_size: int | None = None,
 ) -> dict[str, Any]:
     """Generate one image per caption (this rank's share), extract features, and gather them in sample order.
 
     Returns ``{"features": (N, D) float64, "adherence": {fact: [bool] * N} or None, "clip_score": float
-    or None, "images": (keep_images, 3, H, W) of the first samples (rank 0's view), "seconds": float}``.
+    or None, "clip_per_sample": (N,) or None, "pixels": (N, 3 * pixel_size ** 2) downsampled images or None,
+    "images": (keep_images, 3, H, W) of the first samples (rank 0's view), "seconds": float}``.
     Every process must call this with the same arguments (CLIP score and the gathers are collective).
     """
     rank, world_size = rank_and_world_size(from_launcher=False)
@@ -77,18 +79,33 @@ def generate_and_score(
         hits = adherence(images.cpu(), local_captions) if indices else {fact: [] for fact in (*FACTS, "all")}
         per_sample = gather_in_order(indices, [{fact: hits[fact][k] for fact in hits} for k in range(len(indices))])
         result["adherence"] = {fact: [sample[fact] for sample in per_sample] for fact in (*FACTS, "all")}
-    result["clip_score"] = None
+    result["clip_score"], result["clip_per_sample"] = None, None
     if clip_score is not None:
-        clip_score.reset()
-        if indices:
-            for start in range(0, len(indices), settings.batch_size):
-                clip_score.update(images[start : start + settings.batch_size].cpu(),
-                                  local_captions[start : start + settings.batch_size])
-        result["clip_score"] = float(clip_score.compute())  # torchmetrics sums score and count over processes
+        local = per_sample_clip_scores(clip_score, images, local_captions, settings.batch_size) if indices else []
+        per_sample = torch.tensor(gather_in_order(indices, local), dtype=torch.float64)
+        result["clip_per_sample"] = per_sample
+        result["clip_score"] = max(float(per_sample.mean()), 0.0)  # CLIPScore.compute's mean, clamped at 0
+    result["pixels"] = None
+    if pixel_size:
+        local_pixels = PooledPixelFeatures(pixel_size)(images.cpu()).double() if indices else []
+        result["pixels"] = torch.stack(gather_in_order(indices, local_pixels))
     kept = gather_in_order(indices[: keep_images], images[: len(indices[: keep_images])].cpu()) if keep_images else []
     result["images"] = torch.stack(kept[:keep_images]) if kept else torch.zeros(0, 3, settings.height, settings.width)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def per_sample_clip_scores(clip_score: Any, images: Tensor, captions: Sequence[str], batch_size: int) -> list[float]:
+    """CLIP score (100 x cosine) of each image (N, 3, H, W) in [0, 1] with its caption, by the model and
+    processor of a torchmetrics ``CLIPScore`` and the function its ``update`` calls."""
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+
+    scores = []
+    for start in range(0, len(captions), batch_size):
+        score, _ = _clip_score_update(images[start : start + batch_size].cpu(), list(captions[start : start + batch_size]),
+                                      clip_score.model, clip_score.processor)
+        scores.extend(score.double().tolist())
+    return scores
 
 
 def guidance_sweep(
@@ -103,18 +120,23 @@ def guidance_sweep(
     kid_subsets: int = 100,
     keep_images: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    pixel_size: int | None = None,
+    analyse: Callable[[float, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[float, Tensor]]:
-    """One row of metrics per guidance scale (fid, kid_mean, kid_std, clip_score, adherence_*, seconds),
-    and the first ``keep_images`` images of each scale."""
+    """One row of metrics per guidance scale (fid, kid_mean, kid_std, clip_score, adherence_*, seconds, and
+    what ``analyse(scale, scored)`` adds), and the first ``keep_images`` images of each scale."""
     rows, images = [], {}
     for scale in guidance_scales:
-        scored = generate_and_score(pipeline, captions, float(scale), settings, feature_extractor, clip_score, keep_images)
+        scored = generate_and_score(pipeline, captions, float(scale), settings, feature_extractor, clip_score, keep_images,
+                                    pixel_size)
         row: dict[str, Any] = {"guidance_scale": float(scale), "num_samples": len(captions)}
         row.update(distribution_metrics(real_features, scored["features"], kid_subset_size, kid_subsets, settings.seed))
         row["clip_score"] = scored["clip_score"]
         if scored["adherence"] is not None:
             row.update({f"adherence_{fact}": sum(hits) / len(hits) for fact, hits in scored["adherence"].items()})
         row["seconds"] = scored["seconds"]
+        if analyse is not None:
+            row.update(analyse(float(scale), scored))
         rows.append(row)
         images[float(scale)] = scored["images"]
         if on_row is not None:

@@ -7,6 +7,7 @@ per-sample results are gathered in sample order, so one process and several give
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
+from ldm.evaluation.analysis import MemorizationSets, SampleAnalysis, memorization_grid
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
+from ldm.evaluation.metrics import PooledPixelFeatures
 from ldm.evaluation.options import EvalOptions
-from ldm.evaluation.reference import reference_features
-from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
+from ldm.evaluation.reference import extract_features, read_image_caption_set, reference_features
+from ldm.evaluation.report import (format_table, log_to_wandb, plot_guidance_curve, plot_sigma_rel_curve, sample_grid,
+                                   write_results)
+from ldm.evaluation.uncertainty import spread_over_seeds
 from ldm.pipeline import TextToImagePipeline
 from ldm.ranks import rank_and_world_size
 
@@ -62,10 +67,12 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     resolution = options.resolution
 
     reference_shards = options.reference_shards
-    if not reference_shards:  # the data config's validation shards (the built-in set is made if missing)
-        datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = None
+    if not reference_shards or (options.memorization and not options.memorization_shards):
+        datamodule = hydra.utils.instantiate(cfg.data)  # the data config's shards (the built-in set is made if missing)
         rank_zero_first(datamodule.prepare_data)
         datamodule.setup("validate")
+    if not reference_shards:
         reference_shards = datamodule.val_urls
     if not reference_shards:
         raise ValueError("no reference images: set eval.reference_shards or use data with validation shards")
@@ -81,11 +88,33 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         sampler=options.sampler, num_inference_steps=options.num_inference_steps, seed=options.seed,
         batch_size=options.batch_size, height=resolution, width=resolution, sampler_options=dict(options.sampler_options),
     )
+    memorization_sets = None
+    if options.memorization:
+        memorization_sets = training_set_for_memorization(
+            options, options.memorization_shards or datamodule.train_urls, reference_shards, extractor, extractor_name)
+    compare_pipeline = None
+    if cfg.get("compare"):
+        compare_pipeline = TextToImagePipeline.from_pretrained(
+            cfg.compare, device=device, use_ema=None if options.use_ema else False, options={"vae_weights": "vae_weights="})
+    analysis = SampleAnalysis(real, options, settings, captions, extractor, clip_score, memorization_sets, compare_pipeline)
+    log_row = lambda row: logger.info("guidance %.2f: %s", row["guidance_scale"], row) if rank == 0 else None  # noqa: E731
+    pixel_size = options.memorization_pixel_size if options.memorization else None
     rows, images = guidance_sweep(
         pipeline, captions, real, scales, settings, extractor, clip_score, options.kid_subset_size,
-        options.kid_subsets, keep_images=options.num_grid_images,
-        on_row=lambda row: logger.info("guidance %.2f: %s", row["guidance_scale"], row) if rank == 0 else None,
+        options.kid_subsets, keep_images=options.num_grid_images, on_row=log_row, pixel_size=pixel_size, analyse=analysis,
     )
+    seed_rows = {seed: guidance_sweep(pipeline, captions, real, scales, replace(settings, seed=seed), extractor,
+                                      clip_score, options.kid_subset_size, options.kid_subsets, on_row=log_row)[0]
+                 for seed in options.generation_seeds[1:]}
+    for index, row in enumerate(rows):
+        if seed_rows:
+            per_seed = [row] + [other[index] for other in seed_rows.values()]
+            row["seed_spread"] = {"seeds": options.generation_seeds, **spread_over_seeds(per_seed)}
+    memorization_pairs = None
+    if rank == 0 and memorization_sets is not None and options.memorization_grid_pairs:
+        memorization_pairs = memorization_grid(pipeline, analysis.memorization_results[scales[0]], memorization_sets,
+                                               captions, scales[0], settings, options.memorization_grid_pairs)
+    posthoc_rows = posthoc_ema_sweep(pipeline, options, captions, real, settings, extractor, clip_score, log_row)
     results = {
         "metrics": {k: v for k, v in rows[0].items() if k not in ("guidance_scale", "num_samples")} if len(rows) == 1 else None,
         "rows": rows,
@@ -100,12 +129,17 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         "reference": {"shards": str(reference_shards) if isinstance(reference_shards, str) else list(reference_shards),
                       "num_images": int(real.shape[0]), "feature_cache": str(cache_file) if cache_file else None},
         "prompts_file": options.prompts_file, "world_size": world_size,
+        "seeds": options.generation_seeds, "compare": str(cfg.compare) if cfg.get("compare") else None,
+        "prdc_k": options.prdc_k, "bootstrap_resamples": options.bootstrap_resamples,
+        "posthoc_ema": {"snapshots": options.posthoc_ema_snapshots, "rows": posthoc_rows} if posthoc_rows else None,
     }
     if rank == 0:
         output_dir = Path(options.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         grids = {f"guidance_{scale:g}": sample_grid(images[scale], captions, f"w={scale:g}") for scale in images
                  if len(images[scale])}
+        if memorization_pairs is not None:
+            grids["memorization_pairs"] = memorization_pairs
         for name, grid in grids.items():
             grid.save(output_dir / f"samples_{name}.png")
         plot = None
@@ -114,8 +148,41 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         if len(rows) > 1 and "adherence_all" in rows[0]:  # built-in captions: a measured prompt-following axis
             plot_guidance_curve(rows, output_dir / "fid_vs_adherence_all.png", x_metric="adherence_all")
         results["plot"] = str(plot) if plot else None
+        if posthoc_rows:
+            results["posthoc_ema"]["plot"] = str(plot_sigma_rel_curve(posthoc_rows, output_dir / "fid_vs_sigma_rel.png"))
         write_results(output_dir / "results.json", results)
         log_to_wandb(instantiate_group(cfg.get("logger")), results, grids, plot)
         print(format_table(rows))
+        if posthoc_rows:
+            print(format_table(posthoc_rows, first_column="sigma_rel"))
         print(f"results written to {output_dir / 'results.json'}")
     return results
+
+
+def training_set_for_memorization(options: EvalOptions, train_shards: str | list[str], reference_shards: str | list[str],
+                                  extractor: torch.nn.Module, extractor_name: str) -> MemorizationSets:
+    """The training images the memorization check searches (the first ``memorization_num_train``), their
+    features and downsampled pixels, and the reference images' downsampled pixels."""
+    pixels = PooledPixelFeatures(options.memorization_pixel_size)
+    images, captions = read_image_caption_set(train_shards, options.resolution, options.memorization_num_train)
+    validation_pixels, _, _ = reference_features(reference_shards, options.resolution, pixels, pixels.name,
+                                                 options.reference_cache_dir, options.num_reference)
+    return MemorizationSets(images, captions, extract_features(extractor, images), extract_features(pixels, images),
+                            validation_pixels)
+
+
+def posthoc_ema_sweep(pipeline: TextToImagePipeline, options: EvalOptions, captions: list[str], real: torch.Tensor,
+                      settings: SamplingSettings, extractor: torch.nn.Module, clip_score, log_row) -> list[dict[str, Any]]:
+    """With ``eval.sigma_rels``: the first guidance scale's metrics for the post-hoc EMA of each sigma_rel,
+    reconstructed from ``eval.posthoc_ema_snapshots`` into the pipeline's U-Net (which keeps the last one)."""
+    if not options.sigma_rels:
+        return []
+    from ldm.training.posthoc_ema import apply_posthoc_ema
+
+    rows = []
+    for sigma_rel in options.sigma_rels:
+        apply_posthoc_ema(pipeline, options.posthoc_ema_snapshots, float(sigma_rel))
+        row = guidance_sweep(pipeline, captions, real, options.scales[:1], settings, extractor, clip_score,
+                             options.kid_subset_size, options.kid_subsets, on_row=log_row)[0][0]
+        rows.append({"sigma_rel": float(sigma_rel), **row})
+    return rows

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ldm.visualization import captioned_grid, to_pil_images
 
-TABLE_COLUMNS = ("guidance_scale", "fid", "kid_mean", "kid_std", "clip_score", "adherence_all", "num_samples", "seconds")
+TABLE_COLUMNS = ("guidance_scale", "fid", "kid_mean", "kid_std", "clip_score", "adherence_all", "precision", "recall",
+                 "density", "coverage", "memorization_share_flagged", "num_samples", "seconds")
 
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
@@ -52,9 +53,29 @@ def plot_guidance_curve(rows: list[dict[str, Any]], path: str | Path, x_metric: 
     return path
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The sweep rows as a fixed-width text table."""
-    columns = [c for c in TABLE_COLUMNS if any(c in row for row in rows)]
+def plot_sigma_rel_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """FID against the post-hoc EMA's sigma_rel, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 4), dpi=100)
+    axes.plot([row["sigma_rel"] for row in rows], [row["fid"] for row in rows], "o-")
+    axes.set_xlabel("sigma_rel (post-hoc EMA)")
+    axes.set_ylabel("FID")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def format_table(rows: list[dict[str, Any]], first_column: str | None = None) -> str:
+    """The sweep rows as a fixed-width text table (``first_column``, when given, leads)."""
+    columns = ([first_column] if first_column else []) + [c for c in TABLE_COLUMNS if any(c in row for row in rows)]
     lines = ["".join(f"{c:>15}" for c in columns)]
     for row in rows:
         cells = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 from ldm.tools.export import FORMATS, export_pipeline
-from ldm.training.posthoc_ema import synthesize_state
+from ldm.training.posthoc_ema import apply_posthoc_ema
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -36,19 +36,6 @@ def main(argv: list[str] | None = None) -> Path:
     path = export_pipeline(pipeline, args.out, format=args.format)
     print(f"wrote {path}: U-Net = post-hoc EMA sigma_rel={args.sigma_rel:g} from {args.snapshots}")
     return path
-
-
-def apply_posthoc_ema(pipeline, snapshots: str | Path, sigma_rel: float, step: int | None = None) -> None:
-    """Replace ``pipeline.unet``'s weights with the post-hoc EMA of ``sigma_rel`` (snapshot keys must match)."""
-    state = pipeline.unet.state_dict()
-    synthesized = synthesize_state(snapshots, sigma_rel, step)
-    unknown = sorted(set(synthesized) - set(state))
-    if unknown or not synthesized:
-        raise ValueError(f"the snapshots in {snapshots} do not fit this model's U-Net (e.g. {unknown[:3]}); "
-                         "give --model from the same run")
-    state.update({key: value.to(state[key].dtype) for key, value in synthesized.items()})
-    pipeline.unet.load_state_dict(state)
-    pipeline.ema_state = None
 
 
 if __name__ == "__main__":

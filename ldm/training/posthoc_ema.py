@@ -138,3 +138,16 @@ def synthesize_state(snapshot_dir: str | Path, sigma_rel: float, step: int | Non
                 name = key[len(PREFIX):]
                 total[name] = total.get(name, 0) + value.double() * weight
     return {key: value.float() for key, value in total.items()}
+
+
+def apply_posthoc_ema(pipeline, snapshots: str | Path, sigma_rel: float, step: int | None = None) -> None:
+    """Replace ``pipeline.unet``'s weights with the post-hoc EMA of ``sigma_rel`` (snapshot keys must match)."""
+    state = pipeline.unet.state_dict()
+    synthesized = synthesize_state(snapshots, sigma_rel, step)
+    unknown = sorted(set(synthesized) - set(state))
+    if unknown or not synthesized:
+        raise ValueError(f"the snapshots in {snapshots} do not fit this model's U-Net (e.g. {unknown[:3]}); "
+                         "give --model from the same run")
+    state.update({key: value.to(state[key].dtype) for key, value in synthesized.items()})
+    pipeline.unet.load_state_dict(state)
+    pipeline.ema_state = None
