@@ -145,8 +145,9 @@ def summarize(values: Tensor, confidence: float) -> dict[str, float]:
 
 
 def spread_over_seeds(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, standard deviation, min and max of each numeric metric over one row per generation seed."""
-    names = [name for name, value in rows[0].items() if isinstance(value, float)]
+    """Mean, standard deviation, min and max of each numeric metric that every row (one per generation seed) has."""
+    names = [name for name, value in rows[0].items()
+             if isinstance(value, float) and all(isinstance(row.get(name), float) for row in rows)]
     spread = {}
     for name in names:
         values = torch.tensor([row[name] for row in rows], dtype=torch.float64)

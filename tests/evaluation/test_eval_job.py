@@ -78,3 +78,57 @@ def test_generation_captions_repeat_the_reference_or_prompt_file_and_refuse_bad_
         generation_captions(["a"], 3, str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="eval.num_samples=0"):
         generation_captions(["a"], 0, None)
+
+
+def write_snapshots(checkpoint: Path, folder: Path) -> None:
+    """Post-hoc EMA snapshots of the checkpoint's EMA U-Net: two profiles at steps 100 and 200, perturbed."""
+    from ema_pytorch.post_hoc_ema import sigma_rel_to_gamma
+
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    unet = {k[len("ema_unet.module."):]: v for k, v in state.items() if k.startswith("ema_unet.module.")}
+    folder.mkdir(parents=True)
+    (folder / "posthoc_ema.json").write_text(json.dumps({"gammas": [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.1)]}))
+    generator = torch.Generator().manual_seed(0)
+    for profile in (0, 1):
+        for step in (100, 200):
+            torch.save({f"ema_model.{k}": v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point()
+                        else v for k, v in unet.items()}, folder / f"{profile}.{step}.pt")
+
+
+@pytest.mark.slow
+def test_eval_job_reports_intervals_manifold_memorization_seeds_comparison_and_sigma_rel_sweep(tiny_checkpoint,
+                                                                                                   tmp_path):
+    write_snapshots(tiny_checkpoint, tmp_path / "snapshots")
+    results = run_eval(tmp_path, tiny_checkpoint, "trust", "eval.seeds=[5,6]", f"compare={tiny_checkpoint}",
+                       "eval.bootstrap_resamples=20", "eval.prdc_k=3", "eval.memorization_grid_pairs=4",
+                       f"eval.posthoc_ema_snapshots={tmp_path / 'snapshots'}", "eval.sigma_rels=[0.05,0.15]")
+    row = results["rows"][0]
+    assert results["feature_extractor"]["name"] == "pooled_pixels_4x4"  # the extractor is named with every result
+    for metric in ("fid", "kid_mean", "clip_score", "adherence_all"):
+        interval = row["intervals"][metric]
+        assert interval["low"] <= interval["high"] and interval["num_resamples"] == 20, metric
+        assert row["comparison"][metric]["difference"] == 0.0 and row["comparison"][metric]["p_value"] == 1.0
+        assert row["seed_spread"][metric]["num_seeds"] == 2
+    assert row["seed_spread"]["fid"]["mean"] != row["fid"]  # seed 6 gave other images
+    assert all(0.0 <= row[name] <= 1.0 for name in ("precision", "recall", "coverage"))
+    memorization = row["memorization"]
+    assert memorization["num_train"] == 256 and memorization["validation_share_flagged"] == 0.0
+    assert [r["sigma_rel"] for r in results["posthoc_ema"]["rows"]] == [0.05, 0.15]
+    assert results["posthoc_ema"]["rows"][0]["fid"] != results["posthoc_ema"]["rows"][1]["fid"]
+    assert (tmp_path / "trust" / "samples_memorization_pairs.png").is_file()
+    assert (tmp_path / "trust" / "fid_vs_sigma_rel.png").is_file()
+
+
+def test_posthoc_ema_tool_writes_a_model_that_loads_with_the_synthesized_unet(tiny_checkpoint, tmp_path):
+    from ldm.pipeline import TextToImagePipeline
+    from ldm.tools.posthoc_ema import main
+    from ldm.training.posthoc_ema import synthesize_state
+
+    write_snapshots(tiny_checkpoint, tmp_path / "snapshots")
+    out = main(["--model", str(tiny_checkpoint), "--snapshots", str(tmp_path / "snapshots"), "--sigma-rel", "0.08",
+                "--out", str(tmp_path / "model")])
+    loaded = TextToImagePipeline.from_pretrained(out)
+    expected = synthesize_state(tmp_path / "snapshots", 0.08)
+    for key, value in loaded.unet.state_dict().items():
+        if key in expected:
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
