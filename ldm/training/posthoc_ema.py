@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from ema_pytorch.post_hoc_ema import PostHocEMA, sigma_rel_to_gamma, solve_weights
+from ema_pytorch.post_hoc_ema import KarrasEMA, PostHocEMA, sigma_rel_to_gamma, solve_weights
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -32,11 +32,12 @@ class PostHocEMASnapshots(L.Callback):
 
     The EMA state is kept in checkpoints, so a resumed run continues the profiles. Each snapshot costs one
     copy of the U-Net per profile on disk (``dtype``: float32 by default, so a reconstruction is limited
-    by the least squares and not by rounding).
+    by the least squares and not by rounding). ``check_sigma_rel``: also track that profile directly and
+    write it at the end of training as ``direct_{sigma_rel}.pt``, to measure the reconstruction against.
     """
 
     def __init__(self, output_dir: str, sigma_rels: tuple[float, ...] = (0.05, 0.1), every_n_steps: int = 100,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", check_sigma_rel: float | None = None) -> None:
         if len(sigma_rels) < 2 or len(set(sigma_rels)) != len(sigma_rels):
             raise ValueError(f"callbacks.posthoc_ema.sigma_rels={list(sigma_rels)} must hold at least two different values")
         if not all(0 < s < 0.28 for s in sigma_rels):  # gamma > 0 needs sigma_rel below about 0.28
@@ -49,6 +50,8 @@ class PostHocEMASnapshots(L.Callback):
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
         self.every_n_steps = every_n_steps
         self.dtype = dtype
+        self.check_sigma_rel = check_sigma_rel
+        self.direct: KarrasEMA | None = None
         self.ema: PostHocEMA | None = None
         self._pending_state: dict[str, Tensor] | None = None
         self._last_step = -1
@@ -62,6 +65,8 @@ class PostHocEMASnapshots(L.Callback):
             self.ema.load_state_dict(self._pending_state)
             self._pending_state = None
         self._last_step = trainer.global_step
+        if self.check_sigma_rel is not None:
+            self.direct = KarrasEMA(pl_module.unet, sigma_rel=self.check_sigma_rel, update_every=1).to(pl_module.device)
         if trainer.is_global_zero:
             record = {"sigma_rels": list(self.sigma_rels), "gammas": list(self.ema.gammas),
                       "every_n_steps": self.every_n_steps, "dtype": self.dtype}
@@ -73,8 +78,17 @@ class PostHocEMASnapshots(L.Callback):
             return
         self._last_step = trainer.global_step
         self.ema.update()
+        if self.direct is not None:
+            self.direct.update()
         if trainer.global_step % self.every_n_steps == 0:
             self._snapshot(trainer)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.direct is not None:
+            state = {k: v.detach().cpu() for k, v in self.direct.ema_model.state_dict().items()}
+            torch.save({"step": int(self.direct.step), "state_dict": state},
+                       self.output_dir / f"direct_{self.check_sigma_rel:g}.pt")
 
     @rank_zero_only
     def _snapshot(self, trainer: L.Trainer) -> None:
