@@ -48,7 +48,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     generator seeded by (``val_loss_seed``, the sample's key), and the latents are the VAE posterior's mode.
     So the value depends on the weights alone: the same at every validation, in every run and on any number
     of processes. Logged as ``val/loss_bin_{k}`` (k = 0 lowest noise) and their mean ``val/loss_stratified``;
-    the per-sample weighting is the training loss's.
+    the per-sample weighting is the training loss's. ``val_loss_subset`` < 1 keeps that share of the validation
+    samples, chosen by key (so the same samples on any number of processes), to bound the cost of K passes.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
         val_loss_bins: int = 10,
         val_loss_seed: int = 0,
+        val_loss_subset: float = 1.0,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
@@ -96,6 +98,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
                              f"{noise_schedule.num_train_timesteps}] (0 turns the stratified validation loss off)")
         self.val_loss_bins = val_loss_bins
         self.val_loss_seed = val_loss_seed
+        check_number("model.val_loss_subset", val_loss_subset, minimum=0.0, strict_minimum=True, maximum=1.0)
+        self.val_loss_subset = val_loss_subset
         self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
         check_model_compatibility(unet, vae, text_encoder)
 
@@ -232,12 +236,18 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     @torch.no_grad()
     def _accumulate_stratified_loss(self, batch: dict[str, Any], batch_idx: int, context: Tensor) -> None:
         """Add this batch's per-sample losses at one timestep of each bin to the running per-bin sums."""
+        size = len(batch["caption"])
+        keys = batch.get("key") or [f"batch{batch_idx}-{i}" for i in range(size)]
+        seeds = [sample_seed(self.val_loss_seed, key) for key in keys]
+        kept = [i for i, seed in enumerate(seeds) if seed < self.val_loss_subset * 2**60]
+        if not kept:
+            return
         if "latent_mean" in batch:
-            latents = self.scale_latents(batch["latent_mean"])
+            latents = self.scale_latents(batch["latent_mean"][kept])
         else:
-            latents = self.scale_latents(self.vae.encode(batch["image"]).mode())
-        keys = batch.get("key") or [f"batch{batch_idx}-{i}" for i in range(latents.shape[0])]
-        generators = [torch.Generator().manual_seed(sample_seed(self.val_loss_seed, key)) for key in keys]
+            latents = self.scale_latents(self.vae.encode(batch["image"][kept]).mode())
+        context = context[kept]
+        generators = [torch.Generator().manual_seed(seeds[i]) for i in kept]
         num_timesteps = self.noise_schedule.num_train_timesteps
         # (B, K) timesteps and (B, K, C, h, w) noise, drawn on the CPU so every device sees the same numbers.
         t = torch.stack([stratified_timesteps(g, num_timesteps, self.val_loss_bins) for g in generators])
@@ -323,7 +333,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
 
 def sample_seed(seed: int, key: str) -> int:
-    """A 63-bit seed from (``seed``, a sample's key): the same sample gets the same noise in every run and process."""
+    """A seed in [0, 2**60) from (``seed``, a sample's key): the same sample gets the same noise in every run and process."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 

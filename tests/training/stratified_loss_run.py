@@ -1,6 +1,7 @@
 """Helper of test_stratified_loss.py: validate one fixed tiny LatentDiffusion on N CPU ranks (gloo).
 
-python tests/training/stratified_loss_run.py DEVICES BATCH_PER_RANK OUTPUT. Ten keyed validation samples,
+python tests/training/stratified_loss_run.py DEVICES BATCH_PER_RANK OUTPUT. Ten keyed validation samples (the loss
+keeps the 60% subset their keys choose: 7 of them),
 split over ranks in turn; the module is built with seed 0, so every run validates the same weights.
 Rank 0 saves the logged ``val/loss_*`` metrics of two validations in a row to OUTPUT.
 """
@@ -35,7 +36,8 @@ class KeyedImages(IterableDataset):
 
 def main(devices: int, batch_per_rank: int, output: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5"])
+        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+                                                    "model.val_loss_subset=0.6"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,

@@ -56,3 +56,22 @@ def test_same_weights_give_the_same_stratified_loss_on_one_or_two_processes(tmp_
         assert abs(single[0][name] - ddp[0][name]) <= 1e-6, (name, single[0][name], ddp[0][name])
     bins = [single[0][f"val/loss_bin_{k}"] for k in range(10)]
     assert len(set(bins)) == 10  # each bin measured at its own timesteps
+
+
+def test_the_plot_callback_keeps_one_row_per_validation_step_and_draws_the_curves(tmp_path):
+    from types import SimpleNamespace
+
+    from ldm.training.stratified_loss_plot import StratifiedLossPlot
+
+    callback = StratifiedLossPlot(str(tmp_path))
+    for step, scale in ((100, 1.0), (200, 0.5), (200, 0.4)):  # a repeated step (a resumed run) replaces its row
+        metrics = {f"val/loss_bin_{k}": torch.tensor(scale * (k + 1)) for k in range(10)}
+        metrics["val/loss_stratified"] = torch.tensor(scale * 5.5)
+        trainer = SimpleNamespace(sanity_checking=False, global_step=step, callback_metrics=metrics)
+        callback.on_validation_end(trainer, None)
+    assert [row["step"] for row in callback.history] == [100, 200]
+    assert callback.history[1]["loss_bins"][9] == pytest.approx(4.0)
+    assert (tmp_path / "val_loss_bins.png").stat().st_size > 0
+    restored = StratifiedLossPlot(str(tmp_path))
+    restored.load_state_dict(callback.state_dict())
+    assert restored.history == callback.history
