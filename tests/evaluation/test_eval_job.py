@@ -57,8 +57,12 @@ def test_eval_job_writes_results_and_two_processes_match_one(tiny_checkpoint, tm
     # The reference features were cached by the first run and read by the second.
     assert one["reference"]["feature_cache"] == two["reference"]["feature_cache"]
     for row_one, row_two in zip(one["rows"], two["rows"], strict=True):
-        for metric in ("fid", "kid_mean", "kid_std", "clip_score", "adherence_all"):
+        for metric in ("fid", "kid_mean", "kid_std", "clip_score", "adherence_all", "precision", "recall", "density",
+                       "coverage", "memorization_share_flagged"):
             assert row_two[metric] == pytest.approx(row_one[metric], rel=1e-4, abs=1e-5), metric
+        for metric in ("fid", "clip_score"):  # the bootstrap is seeded and sees the samples in the same order
+            for end in ("low", "high"):
+                assert row_two["intervals"][metric][end] == pytest.approx(row_one["intervals"][metric][end], rel=1e-4)
     (wandb_run,) = (tmp_path / "one" / "wandb").glob("offline-run-*")
     assert list(wandb_run.glob("files/media/table/eval/*.table.json"))  # the sweep table
     assert list(wandb_run.glob("files/media/images/eval/**/*.png"))  # grids and the plot
