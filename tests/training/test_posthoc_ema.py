@@ -74,3 +74,31 @@ def test_a_missing_snapshot_folder_and_bad_sigma_rel_are_named(tmp_path):
         synthesize_state(tmp_path, 0.3)
     with pytest.raises(ValueError, match="sigma_rels"):
         PostHocEMASnapshots(str(tmp_path), sigma_rels=(0.1,))
+
+
+def test_a_resumed_run_continues_the_profiles_exactly(tmp_path):
+    """40 steps, checkpoint, resume to 80 (from a tensors-only load): the snapshots at step 80 equal an
+    uninterrupted run's."""
+    torch.manual_seed(0)
+    x = torch.randn(160, 16)
+    y = x @ torch.randn(16, 16) + torch.randn(160, 16)
+
+    def run(folder, max_steps, ckpt_path=None):
+        torch.manual_seed(1)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(folder),
+                            callbacks=[PostHocEMASnapshots(str(folder / "ema"), sigma_rels=(0.05, 0.1), every_n_steps=40)])
+        # One full batch per epoch: every step sees the same data, wherever a resumed run restarts its epoch.
+        trainer.fit(NoisyRegression(), DataLoader(TensorDataset(x, y), batch_size=160), ckpt_path=ckpt_path,
+                    weights_only=True)
+        return trainer
+
+    run(tmp_path / "straight", 80)
+    first = run(tmp_path / "resumed", 40)
+    checkpoint = first.checkpoint_callback.best_model_path
+    run(tmp_path / "resumed", 80, ckpt_path=checkpoint)
+    for profile in (0, 1):
+        straight = torch.load(tmp_path / "straight" / "ema" / f"{profile}.80.pt", weights_only=True)
+        resumed = torch.load(tmp_path / "resumed" / "ema" / f"{profile}.80.pt", weights_only=True)
+        for key, value in straight.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
