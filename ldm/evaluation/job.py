@@ -95,7 +95,8 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     compare_pipeline = None
     if cfg.get("compare"):
         compare_pipeline = TextToImagePipeline.from_pretrained(
-            cfg.compare, device=device, use_ema=None if options.use_ema else False, options={"vae_weights": "vae_weights="})
+            cfg.compare, device=device, use_ema=None if options.use_ema else False, vae_weights=cfg.get("vae_weights"),
+            options={"vae_weights": "vae_weights="})
     analysis = SampleAnalysis(real, options, settings, captions, extractor, clip_score, memorization_sets, compare_pipeline)
     log_row = lambda row: logger.info("guidance %.2f: %s", row["guidance_scale"], row) if rank == 0 else None  # noqa: E731
     pixel_size = options.memorization_pixel_size if options.memorization else None
@@ -164,6 +165,8 @@ def training_set_for_memorization(options: EvalOptions, train_shards: str | list
     """The training images the memorization check searches (the first ``memorization_num_train``), their
     features and downsampled pixels, and the reference images' downsampled pixels."""
     pixels = PooledPixelFeatures(options.memorization_pixel_size)
+    if not isinstance(train_shards, str):  # weighted sources give one list of shards per source
+        train_shards = [url for item in train_shards for url in ([item] if isinstance(item, str) else item)]
     images, captions = read_image_caption_set(train_shards, options.resolution, options.memorization_num_train)
     validation_pixels, _, _ = reference_features(reference_shards, options.resolution, pixels, pixels.name,
                                                  options.reference_cache_dir, options.num_reference)
