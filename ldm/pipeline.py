@@ -6,7 +6,8 @@ and ``python -m ldm.tools.sample`` all call ``TextToImagePipeline``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ class TextToImagePipeline:
         prediction_type: str = "epsilon",
         latent_channels: int | None = None,
         vae_downsample_factor: int | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -40,6 +42,8 @@ class TextToImagePipeline:
         self.alphas_cumprod = alphas_cumprod
         self.latent_scale_factor = float(latent_scale_factor)
         self.prediction_type = prediction_type
+        # The objective's own sampler settings (flow: shift; EDM: sigma_data, sigma range); a call may override them.
+        self.sampler_options = dict(sampler_options or {})
         self.latent_channels = latent_channels or int(getattr(vae, "embed_dim", 4))
         self.vae_downsample_factor = vae_downsample_factor or int(getattr(vae, "downsample_factor", 8))
 
@@ -67,14 +71,16 @@ class TextToImagePipeline:
         width: int,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int | Sequence[int] = 0,
         negative_prompt: str = "",
         guidance_rescale: float = 0.0,
         batch_size: int | None = None,
         **sampler_kwargs,
     ) -> Tensor:
-        """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``."""
+        """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``.
+
+        ``sampler``: None takes the objective's default (ddim for epsilon / v / x0, flow_euler, edm_heun)."""
         prompts = list(prompts)
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
@@ -99,7 +105,7 @@ class TextToImagePipeline:
                 num_inference_steps,
                 prediction_type=self.prediction_type,
                 generator=generator,
-                **sampler_kwargs,
+                **{**self.sampler_options, **sampler_kwargs},
             )
             decoded = self.vae.decode(latents / self.latent_scale_factor)
             images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0))

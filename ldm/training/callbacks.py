@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.diffusion.samplers import check_sampler
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -31,7 +32,7 @@ class SampleGridLogger(L.Callback):
         seed: int = 0,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         use_ema: bool = True,
         columns: int = 6,
         tile_size: int = 128,
@@ -51,6 +52,11 @@ class SampleGridLogger(L.Callback):
         self.tile_size = tile_size
         self.batch_size = batch_size
         self.last_grid_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse at start-up a sampler that does not fit the model's objective (None: the objective's default)."""
+        if self.sampler is not None:
+            check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.sample_grid.sampler")
 
     @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
