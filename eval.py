@@ -6,7 +6,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm.config import register_resolvers
+from ldm.config import one_line_config_errors, register_resolvers
+from ldm.config_check import check_config
 from ldm.evaluation.job import run_evaluation
 
 register_resolvers()
@@ -14,9 +15,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    fabric = L.Fabric(**cfg.fabric)
-    fabric.launch()
-    results = run_evaluation(cfg, device=fabric.device)
+    with one_line_config_errors():
+        check_config(cfg)  # every key and value type against its constructor, before anything is built
+        fabric = L.Fabric(**cfg.fabric)
+        fabric.launch()
+        results = run_evaluation(cfg, device=fabric.device)
     return results["rows"][0]["fid"]
 
 

@@ -6,13 +6,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm.config import instantiate_group, instantiate_module, register_resolvers
+from ldm.config import instantiate_group, instantiate_module, one_line_config_errors, register_resolvers
+from ldm.config_check import check_config
 
 register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module on the configured data; returns the final logged metrics."""
+    check_config(cfg)  # every key and value type against its constructor, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = instantiate_module(cfg.model)
@@ -28,7 +30,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with one_line_config_errors():
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -14,22 +14,26 @@ from ldm.evaluation.reference import read_image_caption_set
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINTS = str(ROOT / "outputs/train/demo/*/checkpoints/last.ckpt")
+DEMO_MODELS = str(ROOT / "outputs/train/demo/*/model")
 # The demo's guidance scale (also the sample grid's, configs/callbacks/diffusion.yaml). Measured on demo
 # checkpoints: shape adherence falls as guidance rises past 2 (2: 97%, 3: 92%, 5: 83%, 7.5: 79%), the
 # shapes turning pinched and star-like, while colour stays at 100%.
 DEMO_GUIDANCE_SCALE = 2.0
 
 
-def demo_sampling_parser(description: str, images_per_prompt: int, seed: int, output_name: str) -> argparse.ArgumentParser:
-    """The options every benchmark that samples the demo model takes; scripts add their own."""
+def demo_sampling_parser(description: str, images_per_prompt: int, seed: int,
+                         output_name: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark that samples the demo model takes; scripts add their own. ``output_name``
+    None: the script writes into the model's run folder unless ``--output`` is given."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="Lightning checkpoint (default: newest demo run's last.ckpt)")
+    parser.add_argument("--model", "--ckpt", dest="model", default=None,
+                        help="a model folder, SD file or training checkpoint (default: the newest demo run's model/)")
     parser.add_argument("--images-per-prompt", type=int, default=images_per_prompt)
     parser.add_argument("--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE)
     parser.add_argument("--seed", type=int, default=seed, help="first seed; held out from the training grid's seeds")
     parser.add_argument("--batch-size", type=int, default=216)
     parser.add_argument("--val-shards", default=None, help="real images (default: the built-in val set)")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks/results" / output_name))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results" / output_name) if output_name else None)
     return parser
 
 
@@ -37,8 +41,19 @@ def newest_checkpoint(pattern: str = DEMO_CHECKPOINTS) -> Path:
     """The most recently written checkpoint matching a glob pattern."""
     matches = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not matches:
-        raise SystemExit(f"no checkpoint matches {pattern}; train one first (make demo) or pass --ckpt")
+        raise SystemExit(f"no checkpoint matches {pattern}; train one first (make demo) or pass --model")
     return Path(matches[-1])
+
+
+def newest_demo_model() -> Path:
+    """The newest demo run's model folder (written at the end of training), else its last.ckpt."""
+    return newest_checkpoint(DEMO_MODELS) if glob.glob(DEMO_MODELS) else newest_checkpoint()
+
+
+def run_folder(model: Path) -> Path:
+    """The run folder a model lies in: ``<run>/model`` or ``<run>/checkpoints/<name>.ckpt``."""
+    model = model.resolve()
+    return model.parent.parent if model.parent.name == "checkpoints" else model.parent
 
 
 def default_val_shards(resolution: int) -> str | None:

@@ -19,35 +19,34 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_info  # noqa: E402
-from ldm.checkpoints import load_training_checkpoint  # noqa: E402
-from ldm.config import register_resolvers  # noqa: E402
 from ldm.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from ldm.evaluation.evaluate import SamplingSettings, generate_and_score  # noqa: E402
 from ldm.evaluation.metrics import distribution_metrics  # noqa: E402
 from ldm.evaluation.reference import extract_features, read_image_caption_set, reference_features  # noqa: E402
 from ldm.evaluation.scene_classifier import builtin_scene_classifier  # noqa: E402
+from ldm.interchange.build import build  # noqa: E402
+from ldm.pipeline import TextToImagePipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def untrained_like(module):
-    """The checkpoint's model config with fresh, seeded weights (the frozen VAE still from its file)."""
-    register_resolvers()
+def untrained_like(pipeline: TextToImagePipeline) -> TextToImagePipeline:
+    """The same pipeline with a fresh, seeded U-Net (the same frozen VAE and text encoder)."""
     torch.manual_seed(0)
-    fresh = hydra.utils.instantiate(module.model_config)
-    fresh.latent_scale_factor.copy_(module.latent_scale_factor)
-    return fresh.eval()
+    return TextToImagePipeline(
+        unet=build(pipeline.model_config["unet"]).eval(), vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+        alphas_cumprod=pipeline.alphas_cumprod, latent_scale_factor=pipeline.latent_scale_factor,
+        prediction_type=pipeline.prediction_type, model_config=pipeline.model_config)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpts", nargs="+", required=True, help="Lightning checkpoints, in training order")
+    parser.add_argument("--ckpts", nargs="+", required=True, help="training checkpoints, in training order")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
@@ -84,10 +83,10 @@ def main() -> None:
     noise = torch.rand(args.num_samples, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     add("uniform noise images", extract_features(extractor, noise))
 
-    last = load_training_checkpoint(args.ckpts[-1])
-    for name, module in [("untrained (same config)", untrained_like(last))] + [
-            (Path(path).name, load_training_checkpoint(path)) for path in args.ckpts]:
-        scored = generate_and_score(module.pipeline(use_ema=True), captions, args.guidance_scale, settings, extractor)
+    last = TextToImagePipeline.from_pretrained(args.ckpts[-1])
+    for name, pipeline in [("untrained (same config)", untrained_like(last))] + [
+            (Path(path).name, TextToImagePipeline.from_pretrained(path)) for path in args.ckpts]:
+        scored = generate_and_score(pipeline, captions, args.guidance_scale, settings, extractor)
         add(name, scored["features"], scored["adherence"], scored["seconds"])
 
     result = {

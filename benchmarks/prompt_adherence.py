@@ -6,9 +6,10 @@ held-out seeds, classifies each image's shape, colour and background with
 the prompt. The same classifier is run on real validation images first, so the table shows how
 far the measurement itself can be trusted.
 
-    python benchmarks/prompt_adherence.py [--ckpt PATH] [--images-per-prompt 8] [--steps 50]
+    python benchmarks/prompt_adherence.py [--model PATH] [--images-per-prompt 8] [--steps 50] [--output FILE]
 
-Prints a table and writes benchmarks/results/prompt_adherence.json (+ a sample grid PNG).
+Prints a table and writes ``prompt_adherence.json`` (+ a grid PNG of the first image per caption) into
+the model's run folder, or to ``--output`` (the committed figures: benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -21,28 +22,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    default_val_shards, demo_sampling_parser, machine_info, newest_checkpoint, real_images)
-from ldm.checkpoints import load_training_checkpoint  # noqa: E402
+    default_val_shards, demo_sampling_parser, machine_info, newest_demo_model, real_images, run_folder)
 from ldm.data.synthetic import BACKGROUNDS, COLOURS, SHAPES, parse_caption  # noqa: E402
 from ldm.evaluation.prompt_adherence import FACTS, adherence, all_demo_captions, hit_rate  # noqa: E402
+from ldm.pipeline import TextToImagePipeline  # noqa: E402
 from ldm.visualization import captioned_grid, to_pil_images  # noqa: E402
 
 
 def main() -> None:
-    parser = demo_sampling_parser(__doc__, images_per_prompt=8, seed=100_000, output_name="prompt_adherence.json")
+    parser = demo_sampling_parser(__doc__, images_per_prompt=8, seed=100_000, output_name=None)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim")
     args = parser.parse_args()
 
-    ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint()
-    module = load_training_checkpoint(ckpt)
-    resolution = int(module.model_config["vae"]["resolution"])
+    ckpt = Path(args.model) if args.model else newest_demo_model()
+    pipeline = TextToImagePipeline.from_pretrained(ckpt)
+    resolution = pipeline.resolution
     captions = all_demo_captions()
     prompts = [caption for caption in captions for _ in range(args.images_per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
 
     started = time.perf_counter()
-    images = module.pipeline(use_ema=True)(
+    images = pipeline(
         prompts, height=resolution, width=resolution, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seeds, batch_size=args.batch_size,
     )
@@ -67,7 +68,7 @@ def main() -> None:
             per_value[f"{fact}={value}"] = hit_rate([h for h, m in zip(generated[fact], mask) if m])
     print("\nper prompt value (generated): " + ", ".join(f"{k} {v:.0%}" for k, v in per_value.items()))
 
-    output = Path(args.output)
+    output = Path(args.output) if args.output else run_folder(ckpt) / "prompt_adherence.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     first_of_each = list(range(0, len(prompts), args.images_per_prompt))
     grid = captioned_grid([to_pil_images(images[i : i + 1])[0] for i in first_of_each],

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    default_val_shards, demo_sampling_parser, machine_info, newest_checkpoint, real_images)
-from ldm.checkpoints import load_training_checkpoint  # noqa: E402
+    default_val_shards, demo_sampling_parser, machine_info, newest_demo_model, real_images)
 from ldm.evaluation.metrics import PooledPixelFeatures, frechet_distance  # noqa: E402
 from ldm.evaluation.prompt_adherence import adherence_rates, all_demo_captions  # noqa: E402
+from ldm.pipeline import TextToImagePipeline  # noqa: E402
 
 DEFAULT_RUNS = ["ddpm:100,1000", "ddim:10,20,50,100", "euler:10,20,50", "euler_ancestral:20,50",
                 "dpmpp_2m:5,10,20", "dpmpp_2m_karras:10,20"]
@@ -50,10 +50,9 @@ def main() -> None:
                         f"{sorted(RUN_OPTIONS)})")
     args = parser.parse_args()
 
-    ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint()
-    module = load_training_checkpoint(ckpt)
-    pipeline = module.pipeline(use_ema=True)
-    resolution = int(module.model_config["vae"]["resolution"])
+    ckpt = Path(args.model) if args.model else newest_demo_model()
+    pipeline = TextToImagePipeline.from_pretrained(ckpt)
+    resolution = pipeline.resolution
     prompts = [c for c in all_demo_captions() for _ in range(args.images_per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
     val_shards = args.val_shards or default_val_shards(resolution)

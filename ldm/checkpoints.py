@@ -33,12 +33,33 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types for truncated headers
             raise ValueError(f"{path} is not a readable safetensors file ({error}); re-export it") from error
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_torch_file(path)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
     return checkpoint
+
+
+class NotACheckpointError(ValueError):
+    """A file that is not a weights-only torch checkpoint (or not a torch file at all)."""
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """The contents of a ``.ckpt``/``.pt`` file loaded with ``weights_only=True`` (tensors and plain values).
+
+    Any other file is refused in one line. torch's own message is not passed on: it advises loading
+    with ``weights_only=False``, which would run code from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not what it claims to be
+        raise NotACheckpointError(
+            f"{path} is not a weights-only torch checkpoint ({type(error).__name__}): it is damaged, not a "
+            "checkpoint, or holds objects other than tensors and plain values; ldm never loads such files") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -97,35 +118,6 @@ def save_weights(module: nn.Module | dict[str, Tensor], path: str | Path, metada
     save_file(tensors, str(temporary), metadata=text_metadata)
     os.replace(temporary, path)
     return path
-
-
-def load_training_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Rebuild a LightningModule from one of ldm's Lightning checkpoints (weights only, never code).
-
-    The checkpoint carries the resolved model config (``ldm_model_config``); frozen weights that
-    were left out of it are read again from the files the config names.
-    """
-    import hydra  # deferred: only this loader needs Hydra
-
-    from ldm.config import register_resolvers
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} could not be read as a weights-only checkpoint ({error})") from error
-    model_config = checkpoint.get("ldm_model_config")
-    if not model_config:
-        raise ValueError(f"{path} has no ldm_model_config: it was not written by ldm's train.py")
-    register_resolvers()
-    module = hydra.utils.instantiate(model_config)
-    module.model_config = model_config
-    module.on_load_checkpoint(checkpoint)
-    check_state_dict(module, checkpoint["state_dict"], source=str(path))
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.to(map_location).eval()
 
 
 # ------------------------------------------------------------------ diffusers -> original layout

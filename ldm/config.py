@@ -1,14 +1,22 @@
-"""Hydra/OmegaConf glue: resolvers and instantiation helpers shared by the entry points."""
+"""Hydra/OmegaConf glue shared by the entry points: resolvers, instantiation helpers, one-line config errors."""
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.config_check import ConfigError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def wandb_offline() -> bool:
@@ -36,11 +44,38 @@ def instantiate_group(group_cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(entry) for entry in group_cfg.values() if entry and "_target_" in entry]
 
 
-def constructor_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Every constructor argument of the class a ``_target_`` config builds: the config's values, the
-    class's defaults for the rest (what an exporter needs to describe the built model)."""
-    cls = hydra.utils.get_class(config["_target_"])
-    given = {key: value for key, value in config.items() if not key.startswith("_")}
-    bound = inspect.signature(cls).bind_partial(**given)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+def _raised_in_ldm(error: BaseException) -> bool:
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
+def config_error_message(error: BaseException) -> str | None:
+    """One line for a configuration error (a bad key or value, a missing file), else None (a bug).
+
+    Hydra's ``InstantiationException`` is unwrapped to the error it wraps. Configuration errors are
+    ``ConfigError``, ``FileNotFoundError``, OmegaConf's errors, and ``ValueError`` raised in ldm's
+    own code (whose messages name the key); any other exception is left to show its traceback.
+    """
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    if not (isinstance(error, (ConfigError, FileNotFoundError, OmegaConfBaseException))
+            or (isinstance(error, ValueError) and _raised_in_ldm(error))):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+@contextmanager
+def one_line_config_errors() -> Iterator[None]:
+    """Run the block; a configuration error (``config_error_message``) prints ``error: ...`` on stderr
+    and exits with status 1, without a traceback. Other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        message = config_error_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,12 +1,16 @@
 """Text to image: text encoder -> guided sampler over the U-Net -> VAE decode.
 
-The one generation path of the project: sample logging during training, evaluation, notebooks
-and ``python -m ldm.tools.sample`` all call ``TextToImagePipeline``.
+The one generation path of the project: sample logging during training, evaluation, notebooks,
+export and ``python -m ldm.tools.sample`` all call ``TextToImagePipeline``. ``from_pretrained``
+builds one from a diffusers folder, an SD single file or an ldm training checkpoint without any
+training code (no Lightning, no Hydra).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +25,9 @@ class TextToImagePipeline:
 
     ``text_encoder(captions) -> (B, L, D)``; ``unet(x, t, context)``; ``vae.decode(z)``.
     Latents are divided by ``latent_scale_factor`` before decoding, as they were multiplied by it
-    when the U-Net was trained.
+    when the U-Net was trained. ``model_config``: the ``_target_`` configs of the components (``unet``,
+    ``vae``, ``text_encoder``, ``noise_schedule``), which export needs; ``ema_state``: an EMA U-Net kept
+    beside ``unet``'s raw weights (written into SD files as ``model_ema``).
     """
 
     def __init__(
@@ -35,6 +41,8 @@ class TextToImagePipeline:
         latent_channels: int | None = None,
         vae_downsample_factor: int | None = None,
         sampler_options: Mapping[str, Any] | None = None,
+        model_config: Mapping[str, Mapping[str, Any]] | None = None,
+        ema_state: dict[str, Tensor] | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -46,6 +54,29 @@ class TextToImagePipeline:
         self.sampler_options = dict(sampler_options or {})
         self.latent_channels = latent_channels or int(getattr(vae, "embed_dim", 4))
         self.vae_downsample_factor = vae_downsample_factor or int(getattr(vae, "downsample_factor", 8))
+        self.model_config = {name: dict(config) for name, config in (model_config or {}).items()}
+        self.ema_state = ema_state
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu", **load_options: Any
+                        ) -> "TextToImagePipeline":
+        """The pipeline of a diffusers folder, an SD ``.safetensors``/``.ckpt`` file or an ldm training
+        checkpoint. ``load_options`` go to ``ldm.interchange.load_model.load_model`` (``use_ema``,
+        ``vae_weights``, ``pretrained``, ``model_config``, ``prediction_type``, ``search_dirs``)."""
+        from ldm.interchange.load_model import load_model  # deferred: conversions are not needed to sample
+
+        model = load_model(source, **load_options)
+        return cls(
+            unet=model.unet.to(device), vae=model.vae.to(device), text_encoder=model.text_encoder.to(device),
+            alphas_cumprod=model.noise_schedule.alphas_cumprod, latent_scale_factor=model.latent_scale_factor,
+            prediction_type=model.prediction_type, model_config=model.model_config, ema_state=model.ema_state,
+            sampler_options=model.sampler_options,
+        )
+
+    @property
+    def resolution(self) -> int:
+        """The image side the model was built for (its VAE's ``resolution``), the default size to generate."""
+        return int(self.model_config.get("vae", {}).get("resolution") or getattr(self.vae, "resolution", 256))
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +112,10 @@ class TextToImagePipeline:
         """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``.
 
         ``sampler``: None takes the objective's default (ddim for epsilon / v / x0, flow_euler, edm_heun)."""
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale} must be a finite number (1 turns guidance off)")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must be at least 1")
         prompts = list(prompts)
         seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):

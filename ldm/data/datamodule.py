@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.config_check import build_options
 from ldm.data.distributed import EndTogether
-from ldm.data.filters import MetadataFilters
+from ldm.data.filters import MetadataFilters, caption_candidates
 from ldm.data.latents import LatentTextDataset
 from ldm.data.resume import SkipAhead, batches_per_worker
 from ldm.data.shards import (
@@ -22,8 +25,10 @@ from ldm.data.shards import (
     distributed_rank_and_world_size,
     expand_shards,
     image_text_dataset,
+    read_tar_samples,
 )
-from ldm.data.synthetic import ensure_synthetic_dataset
+from ldm.data.skips import SkipCounter
+from ldm.data.synthetic import SyntheticSet
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class ShardDataModule(L.LightningDataModule):
     reads every sample once per epoch and ends the ranks' epochs together (``EndTogether``).
     Validation reads every sample once, unshuffled, across ranks. ``filters`` (``MetadataFilters`` or
     its keyword arguments), ``max_skip_rate`` and ``skip_rate_min_samples``: see ``image_text_dataset``.
-    When ``synthetic`` (keyword arguments of ``ensure_synthetic_dataset``, including ``data_dir``) is
+    When ``synthetic`` (a ``SyntheticSet`` or its fields, including ``data_dir``) is
     given and ``train_shards`` is not, the built-in set is generated in ``prepare_data`` and used;
     its validation shards are used unless ``val_shards`` is given.
 
@@ -84,12 +89,12 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         train_epoch_length: int = 100_000,
         seed: int = 0,
-        synthetic: dict[str, Any] | None = None,
+        synthetic: SyntheticSet | Mapping[str, Any] | None = None,
         train_shard_weights: list[float] | None = None,
         train_mode: str = "resampled",
         random_crop: bool = True,
         random_flip: bool = False,
-        filters: MetadataFilters | dict[str, Any] | None = None,
+        filters: MetadataFilters | Mapping[str, Any] | None = None,
         max_skip_rate: float | None = None,
         skip_rate_min_samples: int = 1000,
     ) -> None:
@@ -112,6 +117,10 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0 loads in the main process)")
         if not 0.0 <= caption_dropout_prob <= 1.0:
             raise ValueError(f"data.caption_dropout_prob={caption_dropout_prob} must lie in [0, 1] (0.1 is usual)")
+        if max_skip_rate is not None and not 0.0 < max_skip_rate <= 1.0:
+            raise ValueError(f"data.max_skip_rate={max_skip_rate} must lie in (0, 1] (e.g. 0.2), or null for no ceiling")
+        if train_shard_weights is not None and not all(math.isfinite(w) and w > 0 for w in train_shard_weights):
+            raise ValueError(f"data.train_shard_weights={list(train_shard_weights)} must be finite and > 0")
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 0")
         if train_epoch_length < batch_size * max(1, num_workers):
@@ -125,8 +134,6 @@ class ShardDataModule(L.LightningDataModule):
                 "no training data: set data.train_shards (e.g. '/data/laion/{00000..00099}.tar') "
                 "or use data=synthetic for the built-in set"
             )
-        if synthetic is not None and "data_dir" not in synthetic:
-            raise ValueError(f"data.synthetic={dict(synthetic)} needs data_dir (where to write the set)")
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.resolution = resolution
@@ -137,12 +144,12 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.train_epoch_length = train_epoch_length
         self.seed = seed
-        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.synthetic = build_options(SyntheticSet, synthetic, "data.synthetic")
         self.train_shard_weights = list(train_shard_weights) if train_shard_weights is not None else None
         self.train_mode = train_mode
         self.random_crop = random_crop
         self.random_flip = random_flip
-        self.filters = MetadataFilters(**filters) if isinstance(filters, Mapping) else filters
+        self.filters = build_options(MetadataFilters, filters, "data.filters")
         self.max_skip_rate = max_skip_rate
         self.skip_rate_min_samples = skip_rate_min_samples
         self.train_urls: list[str] | list[list[str]] | None = None
@@ -155,14 +162,14 @@ class ShardDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate the built-in set if it is used and missing (Lightning runs this on one process per node)."""
         if self._uses_synthetic():
-            ensure_synthetic_dataset(**self.synthetic)
+            self.synthetic.ensure()
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard patterns to existing files (runs on every rank)."""
         train_spec, val_spec = self.train_shards, self.val_shards
         if self._uses_synthetic():
             # Already generated by prepare_data; this only computes the paths (or waits out a race).
-            train_spec, synthetic_val = ensure_synthetic_dataset(**self.synthetic)
+            train_spec, synthetic_val = self.synthetic.ensure()
             val_spec = val_spec or synthetic_val
         if self.train_shard_weights is not None:  # one list of URLs per weighted source
             self.train_urls = [existing_shards(spec, f"train_shards[{i}]") for i, spec in enumerate(train_spec)]
@@ -170,6 +177,27 @@ class ShardDataModule(L.LightningDataModule):
             specs = [train_spec] if isinstance(train_spec, str) else list(train_spec)
             self.train_urls = [url for spec in specs for url in existing_shards(spec, "train_shards")]
         self.val_urls = existing_shards(val_spec, "val_shards") if val_spec else None
+
+    def validation_captions(self) -> list[str]:
+        """The caption of every validation sample, in shard order (each sample's first caption; samples
+        the metadata filters leave out are left out). Reads only the tar members, decodes no image."""
+        if self.train_urls is None:
+            self.setup("validate")
+        captions = []
+        counter = SkipCounter()
+        for url in self.val_urls or []:
+            for raw in read_tar_samples(url, counter):
+                try:
+                    metadata = json.loads(raw["json"]) if "json" in raw else {}
+                except ValueError:  # counted and skipped by the validation stream as well
+                    continue
+                if not isinstance(metadata, dict):
+                    continue
+                candidates = caption_candidates(raw.get("txt"), metadata)
+                if candidates and (self.filters is None
+                                   or self.filters.rejects_metadata(metadata, candidates[0]) is None):
+                    captions.append(candidates[0])
+        return captions
 
     def _loader(self, dataset: torch.utils.data.IterableDataset, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(

@@ -42,6 +42,8 @@ class MetadataFilters:
     max_caption_length: int | None = None
 
     def __post_init__(self) -> None:
+        if self.min_aesthetic is not None and not np.isfinite(self.min_aesthetic):
+            raise ValueError(f"data.filters.min_aesthetic={self.min_aesthetic} must be a finite score, or null")
         for name in ("max_pwatermark", "max_punsafe"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

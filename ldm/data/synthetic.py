@@ -22,6 +22,7 @@ import tarfile
 import time
 import uuid
 import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,33 @@ def ensure_synthetic_dataset(
         num_train, num_val, resolution, directory, time.perf_counter() - started,
     )
     return specs
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """The built-in set's parameters (``data.synthetic``): the arguments of ``ensure_synthetic_dataset``,
+    range-checked when built so a bad value stops the run before any shard is written."""
+
+    data_dir: str
+    num_train: int = 4096
+    num_val: int = 256
+    samples_per_shard: int = 256
+    resolution: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not str(self.data_dir).strip():
+            raise ValueError("data.synthetic.data_dir is empty: give the folder to write the set into")
+        for name in ("num_train", "num_val", "samples_per_shard"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.synthetic.{name}={getattr(self, name)} must be > 0")
+        if self.resolution < MIN_RESOLUTION:
+            raise ValueError(f"data.synthetic.resolution={self.resolution} is too small to draw a recognisable "
+                             f"shape; use >= {MIN_RESOLUTION}")
+
+    def ensure(self) -> tuple[str, str]:
+        """``ensure_synthetic_dataset`` with these parameters: the (train, val) shard specs."""
+        return ensure_synthetic_dataset(**asdict(self))
 
 
 def _read_marker(directory: Path) -> dict | None:

@@ -14,12 +14,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints import load_training_checkpoint
 from ldm.config import instantiate_group
+from ldm.config_check import build_options
 from ldm.evaluation.distributed import barrier, rank_and_world_size
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
+from ldm.evaluation.options import EvalOptions
 from ldm.evaluation.reference import reference_features
 from ldm.evaluation.report import format_table, log_to_wandb, plot_guidance_curve, sample_grid, write_results
+from ldm.pipeline import TextToImagePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,13 @@ def generation_captions(reference_captions: list[str], num_samples: int, prompts
 def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` as ``configs/eval.yaml`` describes; returns the results (written by rank 0)."""
     rank, world_size = rank_and_world_size()
-    options = cfg.eval
+    options = build_options(EvalOptions, cfg.eval, "eval")
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python eval.py ckpt_path=outputs/train/demo/<time>/checkpoints/last.ckpt")
-    module = load_training_checkpoint(cfg.ckpt_path, map_location=device)
-    pipeline = module.pipeline(use_ema=options.use_ema)
-    resolution = int(options.resolution)
+    pipeline = TextToImagePipeline.from_pretrained(
+        cfg.ckpt_path, device=device, use_ema=None if options.use_ema else False, vae_weights=cfg.get("vae_weights"),
+        pretrained=cfg.get("pretrained"), options={"vae_weights": "vae_weights=", "pretrained": "pretrained="})
+    resolution = options.resolution
 
     reference_shards = options.reference_shards
     if not reference_shards:  # the data config's validation shards (the built-in set is made if missing)
@@ -70,24 +73,23 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     extractor_name = getattr(extractor, "name", type(extractor).__name__)
     real, real_captions, cache_file = rank_zero_first(lambda: reference_features(
         reference_shards, resolution, extractor, extractor_name, options.reference_cache_dir, options.num_reference))
-    captions = generation_captions(real_captions, int(options.num_samples), options.prompts_file)
+    captions = generation_captions(real_captions, options.num_samples, options.prompts_file)
     clip_score = hydra.utils.instantiate(cfg.clip) if cfg.get("clip") else None
-    scales = list(options.guidance_scales) if options.guidance_scales else [float(options.guidance_scale)]
+    scales = options.scales
     settings = SamplingSettings(
-        sampler=options.sampler, num_inference_steps=int(options.num_inference_steps), seed=int(options.seed),
-        batch_size=int(options.batch_size), height=resolution, width=resolution,
-        sampler_options=OmegaConf.to_container(options.sampler_options) if options.sampler_options else {},
+        sampler=options.sampler, num_inference_steps=options.num_inference_steps, seed=options.seed,
+        batch_size=options.batch_size, height=resolution, width=resolution, sampler_options=dict(options.sampler_options),
     )
     rows, images = guidance_sweep(
         pipeline, captions, real, scales, settings, extractor, clip_score, options.kid_subset_size,
-        options.kid_subsets, keep_images=int(options.num_grid_images),
+        options.kid_subsets, keep_images=options.num_grid_images,
         on_row=lambda row: logger.info("guidance %.2f: %s", row["guidance_scale"], row) if rank == 0 else None,
     )
     results = {
         "metrics": {k: v for k, v in rows[0].items() if k not in ("guidance_scale", "num_samples")} if len(rows) == 1 else None,
         "rows": rows,
         "checkpoint": str(cfg.ckpt_path),
-        "use_ema": bool(options.use_ema),
+        "use_ema": options.use_ema,
         "sampler": settings.sampler, "num_inference_steps": settings.num_inference_steps,
         "sampler_options": settings.sampler_options,
         "guidance_scales": scales, "seed": settings.seed, "num_samples": len(captions), "resolution": resolution,

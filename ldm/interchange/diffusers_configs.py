@@ -133,3 +133,104 @@ def clip_text_config(tower: nn.Module, num_layers: int) -> dict[str, Any]:
         "projection_dim": int(transformer.width), "bos_token_id": CLIP_BOS_TOKEN_ID,
         "eos_token_id": CLIP_EOS_TOKEN_ID, "pad_token_id": 0, "torch_dtype": "float32",
     }
+
+
+# ------------------------------------------------------------------ diffusers configs -> ldm model configs
+UNSUPPORTED_UNET_KEYS = ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim")
+
+
+def _refuse_unsupported(config: Mapping[str, Any], keys: tuple[str, ...], component: str) -> None:
+    for key in keys:
+        if config.get(key) not in (None, False):
+            raise ValueError(f"{component}/config.json sets {key}={config[key]!r}, which ldm's "
+                             f"{component} model does not have")
+
+
+def unet_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """ldm ``UNetModel`` config (``_target_`` and arguments) from a ``UNet2DConditionModel`` config.json.
+
+    The inverse of ``unet_config``: diffusers' legacy ``attention_head_dim`` holds the number of heads,
+    one value for all levels (ldm's ``num_heads``) or one per level (a fixed head width,
+    ``num_head_channels``).
+    """
+    _refuse_unsupported(config, UNSUPPORTED_UNET_KEYS, "unet")
+    widths = list(config["block_out_channels"])
+    channels = widths[0]
+    heads = config.get("num_attention_heads") or config["attention_head_dim"]
+    if isinstance(heads, (list, tuple)):
+        head_widths = {width // count for width, count in zip(widths, heads)}
+        if len(head_widths) != 1:
+            raise ValueError(f"unet/config.json: heads {list(heads)} over widths {widths} give head widths "
+                             f"{sorted(head_widths)}; ldm's UNetModel keeps one head width for all levels")
+        num_heads, num_head_channels = -1, head_widths.pop()
+    else:
+        num_heads, num_head_channels = int(heads), -1
+    depth = config.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise ValueError(f"unet/config.json: transformer_layers_per_block={list(depth)} differs per level, "
+                             "which ldm's UNetModel does not support yet")
+        depth = depth[0]
+    return {
+        "_target_": "ldm.models.unet.UNetModel",
+        "in_channels": int(config["in_channels"]), "out_channels": int(config["out_channels"]),
+        "model_channels": channels, "num_res_blocks": int(config["layers_per_block"]),
+        "attention_resolutions": [2**level for level, kind in enumerate(config["down_block_types"])
+                                  if kind.startswith("CrossAttn")],
+        "channel_mult": [width // channels for width in widths],
+        "num_heads": num_heads, "num_head_channels": num_head_channels,
+        "context_dim": int(config["cross_attention_dim"]), "transformer_depth": int(depth),
+        "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
+        "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        "norm_num_groups": int(config.get("norm_num_groups", 32)),
+        "upcast_attention": bool(config.get("upcast_attention", False)),
+    }
+
+
+def vae_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """ldm ``AutoencoderKL`` config from a diffusers ``AutoencoderKL`` config.json (inverse of ``vae_config``)."""
+    widths = list(config["block_out_channels"])
+    latent_channels = int(config["latent_channels"])
+    return {
+        "_target_": "ldm.models.autoencoder.AutoencoderKL",
+        "in_channels": int(config.get("in_channels", 3)), "out_channels": int(config.get("out_channels", 3)),
+        "ch": widths[0], "ch_mult": [width // widths[0] for width in widths],
+        "num_res_blocks": int(config["layers_per_block"]), "z_channels": latent_channels,
+        "embed_dim": latent_channels, "attn_resolutions": [], "resolution": int(config.get("sample_size", 256)),
+        "dropout": 0.0, "double_z": True, "norm_num_groups": int(config.get("norm_num_groups", 32)),
+        "mid_attention": bool(config.get("mid_block_add_attention", True)),
+    }
+
+
+def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int) -> dict[str, Any]:
+    """ldm ``FrozenOpenCLIPTextEncoder`` config from a transformers ``CLIPTextConfig`` (inverse of
+    ``clip_text_config``): a tower of the folder's blocks, read at its last layer, padded as its tokenizer pads."""
+    width = int(config["hidden_size"])
+    if config.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
+        raise ValueError(f"text_encoder/config.json: hidden_act={config['hidden_act']!r}; ldm's OpenCLIP text tower "
+                         "has gelu or quick_gelu")
+    return {
+        "_target_": "ldm.models.text_encoders.FrozenOpenCLIPTextEncoder",
+        "text_cfg": {
+            "context_length": int(config["max_position_embeddings"]), "vocab_size": int(config["vocab_size"]),
+            "width": width, "heads": int(config["num_attention_heads"]), "layers": int(config["num_hidden_layers"]),
+            "mlp_ratio": int(config["intermediate_size"]) / width, "output_dim": width,
+        },
+        "layer": "last", "pad_token_id": int(pad_token_id),
+        "quick_gelu": config.get("hidden_act", "quick_gelu") == "quick_gelu",
+    }
+
+
+def noise_schedule_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """ldm ``NoiseSchedule`` config from a diffusers scheduler config (the training schedule's fields)."""
+    beta_schedules = {value: key for key, value in DIFFUSERS_BETA_SCHEDULES.items()}
+    name = config.get("beta_schedule", "scaled_linear")
+    if name not in beta_schedules:
+        raise ValueError(f"scheduler/scheduler_config.json: beta_schedule={name!r}; ldm knows "
+                         f"{sorted(beta_schedules)}")
+    return {
+        "_target_": "ldm.diffusion.schedules.NoiseSchedule", "schedule": beta_schedules[name],
+        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+        "beta_start": float(config.get("beta_start", 0.00085)), "beta_end": float(config.get("beta_end", 0.012)),
+        "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
+    }

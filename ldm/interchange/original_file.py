@@ -36,15 +36,21 @@ def original_text_encoder(state_dict: dict[str, Tensor]) -> dict[str, Tensor] | 
     return hf_text_to_open_clip(hf) if hf else None
 
 
-def read_original_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
-    """An original SD ``.ckpt`` (weights only) or ``.safetensors`` -> ``{"unet", "vae"}`` in ldm's keys and,
-    when the file has one, ``"text_encoder"`` in OpenCLIP's."""
-    state_dict = read_state_dict(path)
+def split_original_file(state_dict: dict[str, Tensor], use_ema: bool = False) -> dict[str, Any]:
+    """An original SD file's tensors -> ``{"unet", "vae"}`` in ldm's keys and, when the file has them,
+    ``"text_encoder"`` in OpenCLIP's and (without ``use_ema``) ``"ema_unet"``, its EMA U-Net."""
     parts: dict[str, Any] = dict(split_original_checkpoint(state_dict, use_ema=use_ema))
     text = original_text_encoder(state_dict)
     if text is not None:
         parts["text_encoder"] = text
+    if not use_ema and any(original_ema_key(key) in state_dict for key in parts["unet"]):
+        parts["ema_unet"] = split_original_checkpoint(state_dict, use_ema=True)["unet"]
     return parts
+
+
+def read_original_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
+    """An original SD ``.ckpt`` (weights only) or ``.safetensors`` file, split as ``split_original_file`` does."""
+    return split_original_file(read_state_dict(path), use_ema=use_ema)
 
 
 def original_checkpoint_state(

@@ -6,6 +6,7 @@ place, strictly: every missing, unexpected or misshapen key is named.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,19 @@ def load_pretrained(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | N
                 "encoder its own weights (model.text_encoder.pretrained: a hub tag or a local file)")
         load_text_tower(text_encoder, parts["text_encoder"], source=f"{path} (text encoder)")
     return {"latent_scale_factor": parts.get("latent_scale_factor")}
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Released weights to start from (``model.pretrained``): ``path`` an original SD
+    ``.ckpt``/``.safetensors`` or a diffusers folder; ``use_ema`` takes a single file's EMA U-Net;
+    ``text_encoder`` loads its text tower too (else the text encoder keeps its own weights)."""
+
+    path: str
+    use_ema: bool = False
+    text_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        if not str(self.path).strip():
+            raise ValueError("model.pretrained.path is empty: give an original SD .ckpt/.safetensors file or a "
+                             "diffusers folder")

@@ -27,7 +27,8 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
     Captions are tokenised with open_clip's BPE tokenizer and padded to ``context_length`` tokens
     with ``pad_token_id``: 0 as OpenCLIP pads (SD 2.x), or 49407, the end token, as SD 1.x's
     CLIPTokenizer pads. The U-Net attends to the padding tokens' states too, so a pretrained model
-    must be fed the padding it was trained with.
+    must be fed the padding it was trained with. ``quick_gelu``: a ``text_cfg`` tower with OpenAI CLIP's
+    QuickGELU activation (SD 1.x's ViT-L/14) instead of GELU.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         tokenizer_name: str = "ViT-H-14",
         seed: int = 0,
         pad_token_id: int = 0,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         if (model_name is None) == (text_cfg is None):
@@ -58,7 +60,8 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                self.tower = open_clip.transformer.TextTransformer(**dict(text_cfg))
+                activation = {"act_layer": open_clip.transformer.QuickGELU} if quick_gelu else {}
+                self.tower = open_clip.transformer.TextTransformer(**{**activation, **dict(text_cfg)})
             self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
         self.context_length = int(self.tower.positional_embedding.shape[0])
         self.output_dim = int(self.tower.token_embedding.weight.shape[1])

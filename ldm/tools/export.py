@@ -1,73 +1,73 @@
-"""Export a trained run to the ecosystem's formats.
+"""Export a trained model to the ecosystem's formats.
 
-    python -m ldm.tools.export ckpt_path=outputs/train/<run>/<time>/checkpoints/last.ckpt format=diffusers out=exported/
-    python -m ldm.tools.export ckpt_path=... format=sd out=model.safetensors [use_ema=false]
+    python -m ldm.tools.export --model outputs/train/demo/<time>/checkpoints/last.ckpt --format diffusers --out exported/
+    python -m ldm.tools.export --model ... --format sd --out model.safetensors [--no-ema]
 
-``format=diffusers`` writes a folder that ``StableDiffusionPipeline.from_pretrained`` loads (U-Net,
-VAE, CLIP text encoder and tokenizer, a DDIM scheduler with the run's noise schedule).
-``format=sd`` writes one original-layout ``.safetensors`` file (the text encoder in SD 2.x's OpenCLIP
-layout when it reads the penultimate layer, SD 1.x's transformers layout when it reads the last).
-``use_ema`` (default true): the U-Net is the EMA weights; with false it is the raw weights, and an
-sd file also keeps the EMA copy as ``model_ema.*``.
+``--model`` is an ldm training checkpoint, a diffusers folder or an SD single file (so this also
+converts between the two layouts). ``--format diffusers`` writes a folder that
+``StableDiffusionPipeline.from_pretrained`` loads (U-Net, VAE, CLIP text encoder and tokenizer, a DDIM
+scheduler with the run's noise schedule). ``--format sd`` writes one original-layout ``.safetensors``
+file (the text encoder in SD 2.x's OpenCLIP layout when it reads the penultimate layer, SD 1.x's
+transformers layout when it reads the last), with ldm's model config in its metadata.
+By default the U-Net is the EMA weights; with ``--no-ema`` it is the raw weights, and an SD file also
+keeps the EMA copy as ``model_ema.*``.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from ldm.checkpoints import load_training_checkpoint
-from ldm.config import constructor_arguments
+from ldm.interchange.build import build, constructor_arguments
 from ldm.interchange.diffusers_folder import write_diffusers_folder
 from ldm.interchange.original_file import original_checkpoint_state, write_original_checkpoint
+from ldm.pipeline import TextToImagePipeline
+from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 
 FORMATS = ("diffusers", "sd")
-DEFAULTS = {"ckpt_path": None, "format": "diffusers", "out": None, "use_ema": True}
 
 
-def unet_states(module: Any, use_ema: bool) -> tuple[dict, dict | None]:
-    """(the exported U-Net's state dict, the EMA copy to keep beside it or None)."""
-    ema = module.ema_unet.module.state_dict() if module.ema_unet is not None else None
-    if use_ema:
-        if ema is None:
-            raise ValueError("use_ema=true but the run has no EMA weights (model.ema_decay=null); pass use_ema=false")
-        return ema, None
-    return module.unet.state_dict(), ema
-
-
-def export_module(module: Any, out: str | Path, format: str = "diffusers", use_ema: bool = True) -> Path:
-    """Write a LatentDiffusion module (with its ``model_config``) as a diffusers folder or an SD single file."""
+def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str = "diffusers") -> Path:
+    """Write a pipeline (with its ``model_config``) as a diffusers folder or an SD single file."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; choose one of {FORMATS}")
-    unet_state, ema_state = unet_states(module, use_ema)
-    scale = float(module.latent_scale_factor)
+    config = pipeline.model_config
+    if not all(name in config for name in ("unet", "vae", "noise_schedule")):
+        raise ValueError("the pipeline has no model_config: build it with TextToImagePipeline.from_pretrained")
+    unet_state, vae_state = pipeline.unet.state_dict(), pipeline.vae.state_dict()
+    text_encoder = pipeline.text_encoder
     if format == "diffusers":
         return write_diffusers_folder(
-            out, unet_state, constructor_arguments(module.model_config["unet"]), module.vae.state_dict(),
-            constructor_arguments(module.model_config["vae"]), module.text_encoder, module.noise_schedule,
-            module.prediction_type, scale)
-    text_layout = "open_clip" if module.text_encoder.layer == "penultimate" else "hf"
-    state = original_checkpoint_state(unet_state, module.vae.state_dict(), module.text_encoder.tower.state_dict(),
-                                      text_layout=text_layout, ema_state=ema_state)
-    metadata = {"latent_scale_factor": scale, "prediction_type": module.prediction_type,
-                "ldm_model_config": module.model_config}
+            out, unet_state, constructor_arguments(config["unet"]), vae_state, constructor_arguments(config["vae"]),
+            text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor)
+    text_layout = "open_clip" if text_encoder.layer == "penultimate" else "hf"
+    state = original_checkpoint_state(unet_state, vae_state, text_encoder.tower.state_dict(),
+                                      text_layout=text_layout, ema_state=pipeline.ema_state)
+    metadata = {"latent_scale_factor": pipeline.latent_scale_factor, "prediction_type": pipeline.prediction_type,
+                "ldm_model_config": config}
     return write_original_checkpoint(out, state, metadata=metadata)
 
 
+def export_module(module: Any, out: str | Path, format: str = "diffusers", use_ema: bool = True) -> Path:
+    """Export a training module (anything with ``pipeline(use_ema)`` and ``ema_unet``) as ``export_pipeline``."""
+    if use_ema and getattr(module, "ema_unet", None) is None:
+        raise ValueError("use_ema=true but the run has no EMA weights (model.ema_decay=null); export the raw weights")
+    return export_pipeline(module.pipeline(use_ema=use_ema), out, format=format)
+
+
 def main(argv: list[str] | None = None) -> Path:
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    unknown = set(args) - set(DEFAULTS)
-    if unknown or not args.ckpt_path or not args.out:
-        raise SystemExit(f"usage: python -m ldm.tools.export ckpt_path=PATH format={'|'.join(FORMATS)} out=PATH "
-                         f"[use_ema=true]" + (f"; unknown keys: {sorted(unknown)}" if unknown else ""))
-    module = load_training_checkpoint(args.ckpt_path)
-    path = export_module(module, args.out, format=args.format, use_ema=bool(args.use_ema))
-    print(f"wrote {path} ({args.format}, {'EMA' if args.use_ema else 'raw'} U-Net weights)")
+    parser = argparse.ArgumentParser(prog="python -m ldm.tools.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--format", choices=FORMATS, default="diffusers")
+    parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd) to write")
+    args = parser.parse_args(argv)
+    pipeline = load_pipeline(args)
+    path = export_pipeline(pipeline, args.out, format=args.format)
+    print(f"wrote {path} ({args.format}, {'raw' if args.no_ema else 'EMA'} U-Net weights)")
     return path
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

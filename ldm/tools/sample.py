@@ -1,20 +1,24 @@
-"""Generate images from a trained checkpoint.
+"""Generate images from a trained model: an ldm checkpoint, a diffusers folder or an SD file.
 
-    python -m ldm.tools.sample --ckpt outputs/train/demo/<time>/checkpoints/last.ckpt \
+    python -m ldm.tools.sample --model outputs/train/demo/<time>/model \
         --prompt "a red circle on a white background" --prompt "a blue square on a gray background" \
-        --num-images 4 --sampler ddim --steps 50 --guidance-scale 5 --seed 0 --out-dir samples/
+        --num-images 4 --sampler ddim --steps 50 --guidance-scale 2 --seed 0 --out-dir samples/
 
-Writes one PNG per image (``NNNN_<prompt>.png``) and ``grid.png`` with captions.
+Writes one PNG per image (``NNNN_<prompt>.png``) and ``grid.png`` with captions, by default into
+``outputs/samples/<date>_<time>/`` under ``LDM_ROOT`` (or the current folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import re
+import time
 from pathlib import Path
 
-from ldm.checkpoints import load_training_checkpoint
 from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS
+from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -49,41 +53,59 @@ def sampler_options_from(args: argparse.Namespace) -> dict:
     return options
 
 
+def default_out_dir() -> Path:
+    """``outputs/samples/<date>_<time>`` under ``LDM_ROOT`` or the current folder (never a tracked folder)."""
+    root = Path(os.environ.get("LDM_ROOT") or Path.cwd())
+    return root / "outputs" / "samples" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
+    parser = argparse.ArgumentParser(prog="python -m ldm.tools.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                         help="default: the objective's (ddim for epsilon / v / x0, flow_euler, edm_heun)")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=50)
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="default: the sampler's own (leading for DDPM/DDIM, linspace for the others)")
-    parser.add_argument("--eta", type=float, default=None, help="DDIM only: 0 deterministic, 1 as DDPM")
+    parser.add_argument("--eta", type=finite_float, default=None, help="DDIM only: 0 deterministic, 1 as DDPM")
     parser.add_argument("--karras-sigmas", action="store_true", help="Euler, Euler-a and DPM-Solver++ only")
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=finite_float, default=5.0)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--height", type=int, default=None, help="default: the training resolution")
-    parser.add_argument("--width", type=int, default=None, help="default: the training resolution")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA U-Net weights")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out-dir", default="samples")
+    parser.add_argument("--height", type=positive_int, default=None, help="default: the training resolution")
+    parser.add_argument("--width", type=positive_int, default=None, help="default: the training resolution")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--out-dir", default=None, help="default: outputs/samples/<date>_<time>")
     args = parser.parse_args(argv)
 
     sampler_options = sampler_options_from(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
-    module = load_training_checkpoint(args.ckpt, map_location=args.device)
-    resolution = int(module.model_config.get("vae", {}).get("resolution", 256))
-    images = module.pipeline(use_ema=not args.no_ema)(
-        prompts, height=args.height or resolution, width=args.width or resolution,
+    pipeline = load_pipeline(args)
+    images = pipeline(
+        prompts, height=args.height or pipeline.resolution, width=args.width or pipeline.resolution,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
         seed=args.seed, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
         **sampler_options,
     )
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     pil_images = to_pil_images(images)
     paths = []
@@ -97,4 +119,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

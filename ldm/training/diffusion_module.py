@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,12 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_weights
+from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.losses import LossOptions, debiased_weights, huber_delta, per_sample_loss, perturbed_noise
 from ldm.diffusion.objectives import offset_noise
 from ldm.diffusion.training_objectives import DiscreteDiffusion, Objective, check_objective_configuration
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.interchange.pretrained import load_pretrained
+from ldm.interchange.frozen_files import FrozenFileError, describe_file
+from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
 from ldm.training.lr_schedules import WarmupSchedule
@@ -35,9 +38,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     The VAE and text encoder are frozen: eval mode, no gradients, not in the optimizer, run under
     ``torch.no_grad()``; weights that come from a file are not written into checkpoints again.
 
-    ``pretrained`` starts from released weights (fine-tuning): ``{path, use_ema=False,
-    text_encoder=True}`` with ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers
-    folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
+    ``pretrained`` (``PretrainedWeights`` or its fields) starts from released weights (fine-tuning):
+    ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
 
     ``objective`` (``model/objective=flow|edm``, a ``training_objectives`` object) replaces discrete
@@ -61,11 +63,18 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         offset_noise_strength: float = 0.0,
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
-        pretrained: Mapping[str, Any] | None = None,
+        pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
         objective: Objective | None = None,
         loss: LossOptions | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer_arguments(optimizer)
+        check_numbers(latent_scale_factor, snr_gamma, offset_noise_strength, ema_decay)
+        self.pretrained = build_options(PretrainedWeights, pretrained, "model.pretrained")
+        if vae_weights and not os.path.isfile(vae_weights):
+            raise FileNotFoundError(
+                f"model.vae_weights={vae_weights} does not exist: train stage 1 first (for the demo: python train.py "
+                f"experiment=demo_vae, or make demo), or set model.vae_weights to an existing VAE weights file")
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -88,7 +97,6 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.model_config: dict[str, Any] | None = None  # set by ldm.training.build for checkpoints
         check_model_compatibility(unet, vae, text_encoder)
 
-        self.pretrained = dict(pretrained) if pretrained else None
         stored_scale = self._load_pretrained() if self.pretrained else None
         if vae_weights:
             metadata = load_weights(vae, vae_weights)
@@ -100,16 +108,22 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             frozen.eval()
             frozen.requires_grad_(False)
         self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+        self.frozen_files = self._describe_frozen_files()
+
+    def _describe_frozen_files(self) -> dict[str, dict[str, Any]]:
+        """What checkpoints record of each file whose weights they leave out (path, size, sha256)."""
+        records = {}
+        if self.vae_weights:
+            records["vae_weights"] = describe_file(self.vae_weights)
+        if self.pretrained:
+            records["pretrained"] = {**describe_file(self.pretrained.path), "use_ema": self.pretrained.use_ema,
+                                     "text_encoder": self.pretrained.text_encoder}
+        return records
 
     def _load_pretrained(self) -> float | None:
         """Load the released weights that ``pretrained`` names; returns their latent scale factor, if known."""
-        options = {"path": None, "use_ema": False, "text_encoder": True}
-        if set(self.pretrained) - set(options) or not self.pretrained.get("path"):
-            raise ValueError(f"model.pretrained={self.pretrained}: give path (an original SD .ckpt/.safetensors "
-                             f"or a diffusers folder) and optionally use_ema, text_encoder; keys: {sorted(options)}")
-        self.pretrained = {**options, **self.pretrained}
-        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained["text_encoder"] else None,
-                                 self.pretrained["path"], use_ema=bool(self.pretrained["use_ema"]))
+        loaded = load_pretrained(self.unet, self.vae, self.text_encoder if self.pretrained.text_encoder else None,
+                                 self.pretrained.path, use_ema=self.pretrained.use_ema)
         return loaded["latent_scale_factor"]
 
     def setup(self, stage: str) -> None:
@@ -226,36 +240,77 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         if torch.isnan(self.latent_scale_factor):
             raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
         unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
+        ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None) else None
+        components = ("unet", "vae", "text_encoder", "noise_schedule")
         return TextToImagePipeline(
             unet=unet,
             vae=self.vae,
-            text_encoder=self.encode_captions,
+            text_encoder=self.text_encoder,
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
             sampler_options=self.objective.sampler_options(),
+            model_config={name: self.model_config[name] for name in components} if self.model_config else None,
+            ema_state=ema_state,
         )
 
     # ------------------------------------------------------------------------------- checkpoints
     def _weights_from_files(self) -> list[str]:
         """Prefixes of submodules whose weights come from a fixed file, so checkpoints skip them."""
         prefixes = ["vae."] if (self.vae_weights or self.pretrained) else []
-        return prefixes + (["text_encoder."] if self.pretrained and self.pretrained["text_encoder"] else [])
+        return prefixes + (["text_encoder."] if self.pretrained and self.pretrained.text_encoder else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = tuple(self._weights_from_files())
         if prefixes:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
         checkpoint["ldm_model_config"] = self.model_config
-        checkpoint["ldm_frozen_from_files"] = {"vae": self.vae_weights, "pretrained": self.pretrained}
+        checkpoint["ldm_frozen_files"] = self.frozen_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Frozen weights left out of the checkpoint were loaded from their file in __init__.
+        # Frozen weights left out of the checkpoint were loaded from their file in __init__: it must be the
+        # file the checkpoint was trained with.
+        for name, record in checkpoint.get("ldm_frozen_files", {}).items():
+            current = self.frozen_files.get(name)
+            if current is not None and current["sha256"] != record["sha256"]:
+                option = "model.vae_weights" if name == "vae_weights" else "model.pretrained.path"
+                raise FrozenFileError(f"{option}={current['path']} has sha256 {current['sha256']}, but the checkpoint "
+                                      f"was trained with {record['path']} of sha256 {record['sha256']}")
         own = self.state_dict()
         for prefix in self._weights_from_files():
             for key, value in own.items():
                 if key.startswith(prefix):
                     checkpoint["state_dict"].setdefault(key, value)
+
+
+def check_optimizer_arguments(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+    """Check the numbers bound into the optimizer partial (``model.optimizer``) before torch sees them:
+    ``lr`` finite and > 0; ``weight_decay``, ``eps``, ``momentum`` finite and >= 0; ``betas`` in [0, 1)."""
+    keywords = getattr(optimizer, "keywords", None) or {}
+    if "lr" in keywords:
+        check_number("model.optimizer.lr", keywords["lr"], minimum=0.0, strict_minimum=True)
+    for name in ("weight_decay", "eps", "momentum"):
+        if name in keywords:
+            check_number(f"model.optimizer.{name}", keywords[name], minimum=0.0)
+    if "betas" in keywords:
+        betas = keywords["betas"]
+        if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+            raise ValueError(f"model.optimizer.betas={betas!r} must be two numbers, e.g. [0.9, 0.999]")
+        for index, beta in enumerate(betas):
+            check_number(f"model.optimizer.betas[{index}]", beta, minimum=0.0)
+            if beta >= 1:
+                raise ValueError(f"model.optimizer.betas[{index}]={beta} must be < 1")
+
+
+def check_numbers(latent_scale_factor: float | None, snr_gamma: float, offset_noise_strength: float,
+                  ema_decay: float | None) -> None:
+    """Range checks of ``LatentDiffusion``'s numeric arguments, each error naming its ``model.`` key."""
+    if latent_scale_factor is not None:
+        check_number("model.latent_scale_factor", latent_scale_factor, minimum=0.0, strict_minimum=True)
+    check_number("model.snr_gamma", snr_gamma, minimum=0.0, strict_minimum=True)
+    check_number("model.offset_noise_strength", offset_noise_strength, minimum=0.0)
+    if ema_decay is not None:
+        check_number("model.ema_decay", ema_decay, minimum=0.0, maximum=1.0)
 
 
 def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> None:

@@ -78,6 +78,9 @@ def test_missing_shards_name_the_pattern(tmp_path):
         (dict(caption_dropout_prob=2.0), "data.caption_dropout_prob=2.0"),
         (dict(train_epoch_length=10, batch_size=8, num_workers=2), "at least 16"),
         (dict(synthetic=None), "no training data"),
+        (dict(max_skip_rate=float("nan")), "data.max_skip_rate=nan"),
+        (dict(synthetic=dict(num_train=8)), "data.synthetic.data_dir is required"),
+        (dict(filters=dict(max_punsafe=1.5)), "data.filters.max_punsafe=1.5"),
     ],
 )
 def test_invalid_arguments_are_rejected_with_the_fix(tmp_path, overrides, message):

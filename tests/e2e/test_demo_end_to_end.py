@@ -93,12 +93,13 @@ def test_stage2_trains_logs_to_wandb_and_writes_checkpoint_and_grid(stage1):
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs and any(offline_runs[0].rglob("*.wandb"))
 
-    from ldm.checkpoints import load_training_checkpoint, read_metadata
+    from ldm.checkpoints import read_metadata
+    from ldm.pipeline import TextToImagePipeline
 
-    module = load_training_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    pipeline = TextToImagePipeline.from_pretrained(run_dir / "checkpoints" / "last.ckpt")
     stored = float(read_metadata(root / "models" / "demo" / "vae.safetensors")["latent_scale_factor"])
-    assert float(module.latent_scale_factor) == pytest.approx(stored)
-    images = module.pipeline()(["a red circle on a white background"], height=32, width=32, num_inference_steps=3)
+    assert pipeline.latent_scale_factor == pytest.approx(stored)
+    images = pipeline(["a red circle on a white background"], height=32, width=32, num_inference_steps=3)
     assert images.shape == (1, 3, 32, 32)
 
     from ldm.tools.sample import main as sample_main

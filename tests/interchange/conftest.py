@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from ldm.checkpoints import save_weights
 from ldm.config import instantiate_module, register_resolvers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +47,18 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """The last.ckpt of a 2-step tiny run through train.py (the demo's models, its VAE random)."""
+    """The last.ckpt of a 2-step tiny run through train.py: the demo's models, its frozen VAE a random one
+    written to ``<LDM_ROOT>/models/demo/vae.safetensors`` as stage 1 writes it; the run ends by writing its
+    model folder (``<run>/model``)."""
     root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    vae = build_module().vae
+    save_weights(vae, root / "models" / "demo" / "vae.safetensors", metadata={"latent_scale_factor": 0.8})
     env = dict(os.environ, LDM_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     result = subprocess.run([
-        sys.executable, "train.py", "experiment=demo", "model.vae_weights=null", "logger=none", "callbacks=default",
+        sys.executable, "train.py", "experiment=demo", "logger=none", "callbacks=default",
+        "+callbacks.export_model._target_=ldm.training.model_export.ExportModelAtEnd",
+        "+callbacks.export_model.output_dir=${paths.output_dir}/model",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.max_time=null",
         "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
         "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=0",

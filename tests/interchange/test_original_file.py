@@ -66,5 +66,6 @@ def test_mismatched_or_incomplete_files_name_the_keys(tmp_path):
     with pytest.raises(InstantiationException, match="no text encoder weights"):
         build_module(f"+model.pretrained.path={text_free}")
     assert build_module(f"+model.pretrained.path={text_free}", "+model.pretrained.text_encoder=false")
-    with pytest.raises(InstantiationException, match="keys: \\['path', 'text_encoder', 'use_ema'\\]"):
+    with pytest.raises(InstantiationException, match="model.pretrained.ema is not an argument of PretrainedWeights; "
+                                                      "did you mean model.pretrained.use_ema"):
         build_module(f"+model.pretrained.path={path}", "+model.pretrained.ema=true")

@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 
 from ldm.diffusion.flow_matching import flow_sampling_times
 from ldm.interchange.diffusers_configs import scheduler_config
-from ldm.training.callbacks import SampleGridLogger
+from ldm.training.sample_grid import SampleGridLogger
 from tests.training.test_diffusion_module import tiny_module, train_steps
 
 
@@ -96,3 +96,17 @@ def test_export_scheduler_configs_load_in_diffusers_and_match_ldm():
     assert scheduler.config.sigma_data == 1.0 and scheduler.config.prediction_type == "epsilon"
     with pytest.raises(ValueError, match="sigma_data"):
         scheduler_config(edm.noise_schedule, "edm", {})
+
+
+def test_a_flow_checkpoint_loads_with_its_objective(tmp_path):
+    """from_pretrained over a training checkpoint of a flow run samples as flow matching, with its shift."""
+    from ldm.pipeline import TextToImagePipeline
+
+    module = tiny_module("model/objective=flow", "model.loss_weighting=uniform", "model.objective.shift=2.0")
+    trainer = train_steps(module, steps=1)
+    path = tmp_path / "flow.ckpt"
+    trainer.save_checkpoint(path)
+    pipeline = TextToImagePipeline.from_pretrained(path)
+    assert pipeline.prediction_type == "flow" and pipeline.sampler_options == {"shift": 2.0}
+    with pytest.raises(ValueError, match="sampler='ddim' does not fit"):
+        pipeline(["a"], height=32, width=32, num_inference_steps=2, sampler="ddim")

@@ -1,7 +1,8 @@
-"""Training callbacks: sample grids from the EMA U-Net at validation and at the end of training."""
+"""Sample grids from the EMA U-Net at validation and at the end of training, for the run's own captions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,30 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.diffusion.samplers import check_sampler
+from ldm.config_check import check_number
 from ldm.visualization import captioned_grid, to_pil_images
+
+
+def choose_prompts(captions: Sequence[str], num_prompts: int, seed: int) -> list[str]:
+    """The first ``num_prompts`` distinct captions in a permutation of ``captions`` drawn with ``seed``:
+    the same captions and seed give the same choice, whatever process asks."""
+    order = np.random.default_rng(seed).permutation(len(captions))
+    chosen: list[str] = []
+    for index in order:
+        caption = captions[index]
+        if caption and caption not in chosen:
+            chosen.append(caption)
+            if len(chosen) == num_prompts:
+                break
+    return chosen
 
 
 class SampleGridLogger(L.Callback):
     """Samples a fixed list of prompts with fixed seeds and logs the captioned grid.
+
+    ``prompts``: the list to sample; None (the default) chooses ``num_prompts`` distinct captions of
+    the datamodule's validation data at setup, seeded by ``seed`` (``choose_prompts``), so the grid
+    shows what the run trains on. The demo experiment lists the built-in set's prompts.
 
     Runs after each validation (not the sanity check) and at the end of training, on rank 0, with
     the module's EMA U-Net through ``pl_module.pipeline()``. The grid goes to every W&B or
@@ -25,10 +45,11 @@ class SampleGridLogger(L.Callback):
 
     def __init__(
         self,
-        prompts: list[str],
         output_dir: str,
         height: int,
         width: int,
+        prompts: list[str] | None = None,
+        num_prompts: int = 18,
         seed: int = 0,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
@@ -38,9 +59,15 @@ class SampleGridLogger(L.Callback):
         tile_size: int = 128,
         batch_size: int | None = None,
     ) -> None:
-        if not prompts:
-            raise ValueError("SampleGridLogger needs at least one prompt")
-        self.prompts = list(prompts)
+        if prompts is not None and not prompts:
+            raise ValueError("callbacks.sample_grid.prompts=[] is empty: list prompts, or null to choose validation captions")
+        if num_prompts <= 0:
+            raise ValueError(f"callbacks.sample_grid.num_prompts={num_prompts} must be > 0")
+        check_number("callbacks.sample_grid.guidance_scale", guidance_scale)
+        if num_inference_steps <= 0:
+            raise ValueError(f"callbacks.sample_grid.num_inference_steps={num_inference_steps} must be > 0")
+        self.prompts = list(prompts) if prompts is not None else None
+        self.num_prompts = num_prompts
         self.output_dir = Path(output_dir)
         self.height, self.width = height, width
         self.seed = seed
@@ -54,9 +81,18 @@ class SampleGridLogger(L.Callback):
         self.last_grid_path: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse at start-up a sampler that does not fit the model's objective (None: the objective's default)."""
+        """Refuse a sampler that does not fit the model's objective (None: the objective's default), and
+        choose the prompts from the validation captions when none were listed."""
         if self.sampler is not None:
             check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.sample_grid.sampler")
+        if self.prompts is not None:
+            return
+        datamodule = trainer.datamodule
+        captions = datamodule.validation_captions() if hasattr(datamodule, "validation_captions") else []
+        if not captions:
+            raise ValueError("callbacks.sample_grid.prompts is null and the data has no validation captions: set "
+                             "data.val_shards, or list prompts, e.g. 'callbacks.sample_grid.prompts=[a red circle]'")
+        self.prompts = choose_prompts(captions, self.num_prompts, self.seed)
 
     @torch.no_grad()
     def generate(self, pl_module: L.LightningModule) -> torch.Tensor:

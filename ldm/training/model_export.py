@@ -1,0 +1,34 @@
+"""Callback: the run ends by writing its model as a self-contained diffusers folder in the run folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.tools.export import export_pipeline
+
+
+class ExportModelAtEnd(L.Callback):
+    """At the end of training, writes the module's (EMA) model to ``output_dir`` as a diffusers folder:
+    safetensors weights, configs, tokenizer and scheduler, which ``TextToImagePipeline.from_pretrained``
+    and diffusers' ``StableDiffusionPipeline.from_pretrained`` load with nothing else of the run.
+    A folder left by an earlier end of the same run (a resumed run ending again) is replaced."""
+
+    def __init__(self, output_dir: str, use_ema: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.use_ema = use_ema
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        use_ema = self.use_ema and getattr(pl_module, "ema_unet", None) is not None
+        staging = self.output_dir.with_name(f"{self.output_dir.name}.new")
+        shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+        written = export_pipeline(pl_module.pipeline(use_ema=use_ema), staging, format="diffusers")
+        if self.output_dir.exists():
+            shutil.rmtree(self.output_dir)
+        written.rename(self.output_dir)
+        print(f"Model written to {self.output_dir} (python -m ldm.tools.sample --model {self.output_dir} "
+              "--prompt ...)")
