@@ -31,12 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DEMO_GUIDANCE_SCALE, machine_info  # noqa: E402
-from ldm.checkpoints import load_training_checkpoint  # noqa: E402
 from ldm.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from ldm.evaluation.evaluate import SamplingSettings, generate_and_score  # noqa: E402
 from ldm.evaluation.metrics import distribution_metrics  # noqa: E402
 from ldm.evaluation.reference import reference_features  # noqa: E402
 from ldm.evaluation.scene_classifier import builtin_scene_classifier  # noqa: E402
+from ldm.pipeline import TextToImagePipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {
@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
     real, captions, _ = reference_features(val_shards, 32, extractor, extractor.name, root / "models" / "eval" / "ref")
     captions = [captions[i % len(captions)] for i in range(num_samples)]
     for run in runs:
-        module = load_training_checkpoint(run["checkpoint"])
+        pipeline = TextToImagePipeline.from_pretrained(run["checkpoint"])  # the EMA U-Net
         spec = OBJECTIVES[run["objective"]]
         settings = SamplingSettings(sampler=None, num_inference_steps=spec["steps"], seed=1_000_000, height=32,
                                     width=32, batch_size=64)
-        scored = generate_and_score(module.pipeline(use_ema=True), captions, DEMO_GUIDANCE_SCALE, settings, extractor)
+        scored = generate_and_score(pipeline, captions, DEMO_GUIDANCE_SCALE, settings, extractor)
         metrics = distribution_metrics(real, scored["features"], kid_subset_size=min(100, num_samples), kid_subsets=50)
         all_three = scored["adherence"]["all"]
-        run.update(prediction_type=module.prediction_type, adherence_all=sum(all_three) / len(all_three), fid=metrics["fid"], kid_mean=metrics["kid_mean"],
+        run.update(prediction_type=pipeline.prediction_type, adherence_all=sum(all_three) / len(all_three), fid=metrics["fid"], kid_mean=metrics["kid_mean"],
                    sample_seconds=round(scored["seconds"], 1), sampler_steps=spec["steps"])
 
     print(f"\nObjectives on the demo recipe, {len(args.seeds)} seeds each ({'tiny' if args.tiny else 'full'}); "

@@ -221,6 +221,26 @@ def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int) -> d
     }
 
 
+def objective_of_scheduler(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(prediction_type, sampler options) of a model from its diffusers scheduler config, the inverse of
+    ``scheduler_config``: a FlowMatch scheduler means flow matching (with its shift), an EDM scheduler EDM's F
+    parametrisation (diffusers names it "epsilon"), any other the config's prediction_type."""
+    name = config.get("_class_name", "")
+    if name.startswith("FlowMatch"):
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("scheduler/scheduler_config.json: use_dynamic_shifting=true (a shift per image size) "
+                             "is not supported by ldm's flow samplers; give a fixed shift")
+        return "flow", {"shift": float(config.get("shift", 1.0))}
+    if name.startswith("EDM"):
+        if config.get("prediction_type", "epsilon") != "epsilon" or config.get("sigma_schedule", "karras") != "karras":
+            raise ValueError(f"scheduler/scheduler_config.json: {name} with prediction_type="
+                             f"{config.get('prediction_type')!r}, sigma_schedule={config.get('sigma_schedule')!r}; "
+                             "ldm's EDM takes prediction_type='epsilon' (F) on Karras sigmas only")
+        return "edm", {key: float(config.get(key, default)) for key, default in
+                       (("sigma_data", 0.5), ("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0))}
+    return config.get("prediction_type", "epsilon"), {}
+
+
 def noise_schedule_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """ldm ``NoiseSchedule`` config from a diffusers scheduler config (the training schedule's fields)."""
     beta_schedules = {value: key for key, value in DIFFUSERS_BETA_SCHEDULES.items()}

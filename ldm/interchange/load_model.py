@@ -22,6 +22,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.build import build, full_config
 from ldm.interchange.diffusers_configs import (
     noise_schedule_config,
+    objective_of_scheduler,
     text_encoder_model_config,
     unet_model_config,
     vae_model_config,
@@ -147,9 +148,11 @@ def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
     _load(built["unet"], parts["unet"], f"{path}/unet")
     _load(built["vae"], parts["vae"], f"{path}/vae")
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path}/text_encoder")
-    return LoadedModel(**built, prediction_type=scheduler.get("prediction_type", "epsilon"),
+    prediction_type, sampler_options = objective_of_scheduler(scheduler)
+    return LoadedModel(**built, prediction_type=prediction_type,
                        latent_scale_factor=float(parts["latent_scale_factor"] or SD_LATENT_SCALE_FACTOR),
-                       model_config={name: full_config(config) for name, config in configs.items()}, source=str(path))
+                       model_config={name: full_config(config) for name, config in configs.items()}, source=str(path),
+                       sampler_options=sampler_options)
 
 
 def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str, Mapping[str, Any]]) -> LoadedModel:
@@ -176,9 +179,10 @@ def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str
     scale = float(metadata.get("latent_scale_factor", SD_LATENT_SCALE_FACTOR))
     prediction_type = metadata.get("prediction_type", recorded.get("prediction_type", "epsilon") if recorded else "epsilon")
     ema_state = parts.get("ema_unet") if use_ema is False else None
+    sampler_options = json.loads(metadata["ldm_sampler_options"]) if "ldm_sampler_options" in metadata else {}
     return LoadedModel(**built, prediction_type=prediction_type, latent_scale_factor=scale,
                        model_config={name: full_config(config) for name, config in configs.items()},
-                       source=str(path), ema_state=ema_state)
+                       source=str(path), ema_state=ema_state, sampler_options=sampler_options)
 
 
 def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -110,3 +110,25 @@ def test_a_flow_checkpoint_loads_with_its_objective(tmp_path):
     assert pipeline.prediction_type == "flow" and pipeline.sampler_options == {"shift": 2.0}
     with pytest.raises(ValueError, match="sampler='ddim' does not fit"):
         pipeline(["a"], height=32, width=32, num_inference_steps=2, sampler="ddim")
+
+
+@pytest.mark.parametrize("objective, options", [
+    ("flow", {"shift": 2.0}),
+    ("edm", {"sigma_data": 1.0, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}),
+])
+@pytest.mark.parametrize("format", ["diffusers", "sd"])
+def test_exported_flow_and_edm_models_load_back_with_their_objective(tmp_path, objective, options, format):
+    """A diffusers folder records the objective in its scheduler (FlowMatchEulerDiscreteScheduler /
+    EDMEulerScheduler), an SD file in its metadata; from_pretrained reads it back, so the reloaded model
+    samples as the original does."""
+    from ldm.pipeline import TextToImagePipeline
+    from ldm.tools.export import export_pipeline
+
+    overrides = [f"model/objective={objective}", "model.loss_weighting=uniform"]
+    module = tiny_module(*overrides, *(["model.objective.shift=2.0"] if objective == "flow" else []))
+    pipeline = module.pipeline(use_ema=False)
+    out = export_pipeline(pipeline, tmp_path / ("model" if format == "diffusers" else "model.safetensors"), format)
+    loaded = TextToImagePipeline.from_pretrained(out)
+    assert loaded.prediction_type == objective and loaded.sampler_options == options
+    kwargs = dict(height=32, width=32, num_inference_steps=2, seed=3)
+    torch.testing.assert_close(loaded(["a"], **kwargs), pipeline(["a"], **kwargs), rtol=0, atol=1e-5)
