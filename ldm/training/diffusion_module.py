@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_weights
 from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
-from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
+from ldm.diffusion.losses import LossOptions, debiased_weights, huber_delta, per_sample_loss, perturbed_noise
+from ldm.diffusion.objectives import offset_noise
+from ldm.diffusion.training_objectives import DiscreteDiffusion, Objective, check_objective_configuration
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
@@ -40,6 +41,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     ``pretrained`` (``PretrainedWeights`` or its fields) starts from released weights (fine-tuning):
     ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
+
+    ``objective`` (``model/objective=flow|edm``, a ``training_objectives`` object) replaces discrete
+    diffusion, which ``prediction_type``, ``loss_weighting`` and ``snr_gamma`` configure when it is null.
+    ``loss`` (``LossOptions``): Huber losses, input perturbation, debiased weighting, timestep bias.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
+        objective: Objective | None = None,
+        loss: LossOptions | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
@@ -74,9 +81,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.noise_schedule = noise_schedule
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
-        self.prediction_type = prediction_type
+        check_objective_configuration(objective or DiscreteDiffusion(prediction_type), noise_schedule.zero_terminal_snr,
+                                      prediction_type, loss_weighting)
+        self.objective = objective or DiscreteDiffusion(prediction_type, loss_weighting, snr_gamma)
+        self.prediction_type = self.objective.prediction_type
         self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
+        self.loss_options = loss or LossOptions()
+        if self.loss_options.debiased and loss_weighting != "uniform":
+            raise ValueError(f"model.loss.debiased=true replaces the objective's weighting; "
+                             f"model.loss_weighting={loss_weighting} would be ignored: set it to uniform")
         self.offset_noise_strength = offset_noise_strength
         self.sample_posterior = sample_posterior
         self.vae_weights = vae_weights
@@ -167,20 +181,25 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return self.text_encoder(list(captions))
 
     def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps."""
-        batch_size = latents.shape[0]
-        num_timesteps = self.noise_schedule.num_train_timesteps
-        t = torch.randint(0, num_timesteps, (batch_size,), device=latents.device, generator=generator)
+        """The objective's weighted loss (MSE by default) between the U-Net's output and its target, at noise
+        levels drawn by the objective. latents: (B, C, h, w); context: (B, L, D)."""
+        options = self.loss_options
+        levels = self.objective.sample_levels(latents.shape[0], self.noise_schedule.num_train_timesteps, generator,
+                                              latents.device, options.timestep_bias_range,
+                                              options.timestep_bias_probability)
         if self.offset_noise_strength > 0:
             noise = offset_noise(latents.shape, self.offset_noise_strength, generator=generator,
                                  device=latents.device, dtype=latents.dtype)
         else:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x_t = q_sample(latents, t, noise, self.alphas_cumprod)
-        prediction = self.unet(x_t, t, context)
-        target = training_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = loss_weights(self.loss_weighting, t, self.alphas_cumprod, self.prediction_type, self.snr_gamma)
+        input_noise = perturbed_noise(noise, options.input_perturbation, generator) if options.input_perturbation else noise
+        batch = self.objective.noised_batch(latents, noise, input_noise, levels, self.alphas_cumprod)
+        prediction = self.unet(batch.model_input, batch.timesteps, context)
+        delta = None
+        if options.loss_type != "mse":
+            delta = huber_delta(options.huber_schedule, options.huber_delta, batch.snr, batch.noise_fraction)
+        per_sample = per_sample_loss(prediction, batch.target, options.loss_type, delta)
+        weights = debiased_weights(batch.snr, batch.x0_error_scale) if options.debiased else batch.weights
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -230,6 +249,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
+            sampler_options=self.objective.sampler_options(),
             model_config={name: self.model_config[name] for name in components} if self.model_config else None,
             ema_state=ema_state,
         )
