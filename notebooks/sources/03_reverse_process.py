@@ -71,7 +71,7 @@ plt.show()
 # %%
 frames = []
 for x, estimate in zip(to_pil_images(x_t[1:]), to_pil_images(x0)):
-    frame = captioned_grid([x, estimate], ["x_t", "x0 estimate"], columns=2, tile_size=96, caption_lines=1)
+    frame = captioned_grid([x, estimate], ["x_t", "x0 estimate"], columns=2, tile_size=64, caption_lines=1)
     frames.append(frame.convert("P"))
 buffer = io.BytesIO()
 frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:] + [frames[-1]] * 5, duration=150, loop=0)
