@@ -40,6 +40,7 @@ class TextToImagePipeline:
         prediction_type: str = "epsilon",
         latent_channels: int | None = None,
         vae_downsample_factor: int | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
         model_config: Mapping[str, Mapping[str, Any]] | None = None,
         ema_state: dict[str, Tensor] | None = None,
     ) -> None:
@@ -49,6 +50,8 @@ class TextToImagePipeline:
         self.alphas_cumprod = alphas_cumprod
         self.latent_scale_factor = float(latent_scale_factor)
         self.prediction_type = prediction_type
+        # The objective's own sampler settings (flow: shift; EDM: sigma_data, sigma range); a call may override them.
+        self.sampler_options = dict(sampler_options or {})
         self.latent_channels = latent_channels or int(getattr(vae, "embed_dim", 4))
         self.vae_downsample_factor = vae_downsample_factor or int(getattr(vae, "downsample_factor", 8))
         self.model_config = {name: dict(config) for name, config in (model_config or {}).items()}
@@ -67,6 +70,7 @@ class TextToImagePipeline:
             unet=model.unet.to(device), vae=model.vae.to(device), text_encoder=model.text_encoder.to(device),
             alphas_cumprod=model.noise_schedule.alphas_cumprod, latent_scale_factor=model.latent_scale_factor,
             prediction_type=model.prediction_type, model_config=model.model_config, ema_state=model.ema_state,
+            sampler_options=model.sampler_options,
         )
 
     @property
@@ -98,14 +102,16 @@ class TextToImagePipeline:
         width: int,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int | Sequence[int] = 0,
         negative_prompt: str = "",
         guidance_rescale: float = 0.0,
         batch_size: int | None = None,
         **sampler_kwargs,
     ) -> Tensor:
-        """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``."""
+        """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``.
+
+        ``sampler``: None takes the objective's default (ddim for epsilon / v / x0, flow_euler, edm_heun)."""
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale} must be a finite number (1 turns guidance off)")
         if num_inference_steps < 1:
@@ -134,7 +140,7 @@ class TextToImagePipeline:
                 num_inference_steps,
                 prediction_type=self.prediction_type,
                 generator=generator,
-                **sampler_kwargs,
+                **{**self.sampler_options, **sampler_kwargs},
             )
             decoded = self.vae.decode(latents / self.latent_scale_factor)
             images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0))

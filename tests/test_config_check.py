@@ -78,7 +78,7 @@ def test_bad_training_configs_stop_at_start_up_naming_the_key(tmp_path, override
     (["eval.num_samples=0"], "eval.num_samples"),
     (["eval.guidance_scale=nan"], "eval.guidance_scale"),
     (["eval.guidance_scales=[1,inf]"], "eval.guidance_scales"),
-    (["eval.sampler=heun"], "eval.sampler"),
+    (["eval.sampler=hune"], "eval.sampler"),
     (["eval.batch_size=-1"], "eval.batch_size"),
     (["eval.use_ema=often"], "eval.use_ema"),
 ])

@@ -100,7 +100,8 @@ def convert_prediction(
 
 # Squared error of each prediction type per unit squared error of x0: |d eps|^2 = SNR |d x0|^2 and
 # |d v|^2 = (SNR + 1) |d x0|^2, since x0 = (x_t - sqrt(1-a) eps) / sqrt(a) = sqrt(a) x_t - sqrt(1-a) v.
-def _error_scale(prediction_type: str, snr: Tensor) -> Tensor:
+def x0_error_scale(prediction_type: str, snr: Tensor) -> Tensor:
+    """How many times the squared error of ``prediction_type``'s output exceeds the x0 error it implies (B,)."""
     return {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[prediction_type]
 
 
@@ -130,10 +131,10 @@ def loss_weights(
     if weighting == "min_snr":
         if prediction_type == "epsilon":  # min(SNR, gamma) / SNR, written so that SNR = 0 gives 1
             return torch.clamp(snr_gamma / snr, max=1.0)
-        return torch.clamp(snr, max=snr_gamma) / _error_scale(prediction_type, snr)
+        return torch.clamp(snr, max=snr_gamma) / x0_error_scale(prediction_type, snr)
     if weighting.startswith("snr_as_") and weighting in LOSS_WEIGHTINGS:
         as_type = weighting.removeprefix("snr_as_")
-        return _error_scale(as_type, snr) / _error_scale(prediction_type, snr)
+        return x0_error_scale(as_type, snr) / x0_error_scale(prediction_type, snr)
     raise ValueError(f"loss_weighting={weighting!r}; choose one of {LOSS_WEIGHTINGS}")
 
 

@@ -1,4 +1,6 @@
-"""Samplers of the reverse process: DDPM, DDIM, Euler, Euler ancestral and DPM-Solver++(2M).
+"""Samplers of the reverse process: DDPM, DDIM, Euler, Euler ancestral, Heun and DPM-Solver++(2M) for
+discrete-schedule models, and the dispatch ``sample`` that also runs flow-matching (``flow_matching.py``)
+and EDM (``edm.py``) samplers.
 
 Each sampler is a loop over timesteps around one ``denoise(x, t) -> model output`` callable
 (guidance wraps that callable; see ``guidance.py``). The denoiser receives the model-space input
@@ -32,7 +34,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import check_prediction_type, x0_and_eps_from_prediction
+from ldm.diffusion.edm import sample_edm
+from ldm.diffusion.flow_matching import sample_flow_euler, sample_flow_heun
+from ldm.diffusion.karras import make_karras_sigmas, sample_karras
+from ldm.diffusion.objectives import PREDICTION_TYPES, check_prediction_type, x0_and_eps_from_prediction
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, x0 estimate)
@@ -89,13 +94,6 @@ def make_timesteps(
             f"schedule's last ({num_train_timesteps - 1}); use fewer steps or steps_offset=0"
         )
     return timesteps.long() if integer else timesteps
-
-
-def make_karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
-    """Sigmas (num_steps,) from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022)."""
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
 def timesteps_for_sigmas(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
@@ -352,6 +350,40 @@ def sample_euler_ancestral(
 
 
 @torch.no_grad()
+def sample_heun(
+    denoise: Denoiser,
+    noise: Tensor,
+    alphas_cumprod: Tensor,
+    num_inference_steps: int = 25,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "linspace",
+    karras_sigmas: bool = False,
+    generator: torch.Generator | None = None,
+    steps_offset: int = 0,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Heun's method (Karras et al. 2022, Algorithm 2 without churn) on the schedule's sigmas, as diffusers'
+    HeunDiscreteScheduler: sigmas and timesteps as for Euler, 2 n - 1 model calls for n steps.
+
+    The corrector at sigma_next is called with sigma_next's timestep. ``generator`` is unused (deterministic).
+    """
+    alphas_cumprod = _schedule(alphas_cumprod, prediction_type)
+    timesteps, sigmas = euler_timesteps_and_sigmas(
+        alphas_cumprod, num_inference_steps, timestep_spacing, karras_sigmas, steps_offset
+    )
+    timestep_of = dict(zip(sigmas[:-1].tolist(), timesteps.tolist()))  # the corrector reuses the next step's
+
+    def denoised(x: Tensor, sigma: float) -> Tensor:
+        t = timestep_of[sigma]
+        model_input = x / math.sqrt(sigma**2 + 1)
+        model_output = denoise(model_input, _timestep_batch(t, x))
+        return x0_and_eps_from_prediction(prediction_type, model_output, model_input, 1 / (sigma**2 + 1))[0]
+
+    x = noise * _initial_sigma(sigmas[0].item(), timestep_spacing)
+    return sample_karras(denoised, x, sigmas, callback=callback)
+
+
+@torch.no_grad()
 def sample_dpmpp_2m(
     denoise: Denoiser,
     noise: Tensor,
@@ -402,17 +434,68 @@ def sample_dpmpp_2m(
     return x
 
 
+def _flow_sampler(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A flow-matching sampler in the dispatch's calling convention (the schedule gives T only)."""
+
+    def run(denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, num_inference_steps: int = 50,
+            prediction_type: str = "flow", shift: float = 1.0, generator: torch.Generator | None = None,
+            callback: StepCallback | None = None) -> Tensor:
+        return function(denoise, noise, num_inference_steps, shift, len(alphas_cumprod), callback)
+
+    run.__doc__ = function.__doc__
+    return run
+
+
+def _edm_sampler(second_order: bool) -> Callable[..., Tensor]:
+    """An EDM sampler in the dispatch's calling convention (the discrete schedule is unused)."""
+
+    def run(denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, num_inference_steps: int = 18,
+            prediction_type: str = "edm", sigma_data: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
+            rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
+            s_noise: float = 1.0, generator: torch.Generator | None = None,
+            callback: StepCallback | None = None) -> Tensor:
+        return sample_edm(denoise, noise, num_inference_steps, sigma_data, sigma_min, sigma_max, rho, second_order,
+                          s_churn, s_tmin, s_tmax, s_noise, generator, callback)
+
+    run.__doc__ = sample_edm.__doc__
+    return run
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "flow_euler": _flow_sampler(sample_flow_euler),
+    "flow_heun": _flow_sampler(sample_flow_heun),
+    "edm_heun": _edm_sampler(second_order=True),
+    "edm_euler": _edm_sampler(second_order=False),
 }
+# Which samplers fit which objective (``prediction_type``): a model of one objective refuses the others'.
+SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
+    **{kind: ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m") for kind in PREDICTION_TYPES},
+    "flow": ("flow_euler", "flow_heun"),
+    "edm": ("edm_heun", "edm_euler"),
+}
+DEFAULT_SAMPLERS = {**{kind: "ddim" for kind in PREDICTION_TYPES}, "flow": "flow_euler", "edm": "edm_heun"}
+
+
+def check_sampler(sampler: str, prediction_type: str, key: str = "sampler") -> None:
+    """Raise a ValueError naming ``key`` when ``sampler`` is unknown or belongs to another objective."""
+    if prediction_type not in SAMPLERS_BY_OBJECTIVE:
+        raise ValueError(f"prediction_type={prediction_type!r}; choose one of {sorted(SAMPLERS_BY_OBJECTIVE)}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{key}={sampler!r}; choose one of {sorted(SAMPLERS)}")
+    fitting = SAMPLERS_BY_OBJECTIVE[prediction_type]
+    if sampler not in fitting:
+        raise ValueError(f"{key}={sampler!r} does not fit this model's objective ({prediction_type!r}); "
+                         f"choose one of {list(fitting)}")
 
 
 def sample(
-    sampler: str,
+    sampler: str | None,
     denoise: Denoiser,
     noise: Tensor,
     alphas_cumprod: Tensor,
@@ -420,12 +503,19 @@ def sample(
     prediction_type: str = "epsilon",
     **kwargs,
 ) -> Tensor:
-    """Run the sampler named ``sampler`` (a key of SAMPLERS); ``kwargs`` go to it. Returns x0 (B, C, H, W)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}; choose one of {sorted(SAMPLERS)}")
+    """Run the sampler named ``sampler`` (a key of SAMPLERS; None: the objective's default, DEFAULT_SAMPLERS)
+    for a model of ``prediction_type`` (epsilon | v_prediction | sample | flow | edm); ``kwargs`` go to it
+    (flow: ``shift``; EDM: ``sigma_data``, ``sigma_min``, ``sigma_max``, ``rho``, churn). Returns x0 (B, C, H, W).
+    ``alphas_cumprod`` (T,) is the discrete schedule; flow samplers read only T from it, EDM none of it."""
+    if sampler is None:
+        sampler = DEFAULT_SAMPLERS.get(prediction_type, "ddim")
+    check_sampler(sampler, prediction_type)
     function = SAMPLERS[sampler]
     accepted = inspect.signature(function).parameters
     unknown = sorted(set(kwargs) - set(accepted))
+    if "shift" in unknown:
+        raise ValueError(f"shift={kwargs['shift']} is the time shift of flow matching; this model's objective is "
+                         f"{prediction_type!r}: remove shift")
     if unknown:
         options = [name for name in accepted if name not in ("denoise", "noise", "alphas_cumprod")]
         raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {options}")

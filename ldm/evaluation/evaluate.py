@@ -26,7 +26,7 @@ from ldm.ranks import rank_and_world_size
 class SamplingSettings:
     """How evaluation images are generated: image i uses seed ``seed + i`` whatever the process count."""
 
-    sampler: str = "ddim"
+    sampler: str | None = None
     num_inference_steps: int = 50
     seed: int = 0
     batch_size: int = 64

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
+from ldm.diffusion.samplers import DEFAULT_SAMPLERS
 from ldm.evaluation.analysis import MemorizationSets, SampleAnalysis, memorization_grid
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
@@ -121,7 +122,8 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         "rows": rows,
         "checkpoint": str(cfg.ckpt_path),
         "use_ema": options.use_ema,
-        "sampler": settings.sampler, "num_inference_steps": settings.num_inference_steps,
+        "sampler": settings.sampler or DEFAULT_SAMPLERS.get(pipeline.prediction_type, "ddim"),
+        "num_inference_steps": settings.num_inference_steps,
         "sampler_options": settings.sampler_options,
         "guidance_scales": scales, "seed": settings.seed, "num_samples": len(captions), "resolution": resolution,
         "feature_extractor": {"name": extractor_name, "num_features": int(real.shape[1]),

@@ -22,7 +22,7 @@ class EvalOptions:
     reference_shards: str | list[str] | None = None
     prompts_file: str | None = None
     resolution: int = 32
-    sampler: str = "ddim"
+    sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
     num_inference_steps: int = 50
     guidance_scale: float = 2.0
@@ -75,7 +75,7 @@ class EvalOptions:
                 raise ValueError(f"eval.sigma_rels={self.sigma_rels} must list values in (0, 0.28)")
         if self.num_grid_images < 0:
             raise ValueError(f"eval.num_grid_images={self.num_grid_images} must be >= 0")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"eval.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
         if not math.isfinite(self.guidance_scale):
             raise ValueError(f"eval.guidance_scale={self.guidance_scale} must be a finite number")

@@ -71,13 +71,38 @@ def vae_config(args: Mapping[str, Any], scaling_factor: float) -> dict[str, Any]
     }
 
 
-def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict[str, Any]:
-    """``DDIMScheduler`` config that reproduces ldm's schedule and its DDIM sampler step for step.
+def scheduler_config(
+    schedule: NoiseSchedule, prediction_type: str, sampler_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The diffusers scheduler config that samples a model of ``prediction_type`` as ldm does.
 
-    ldm's DDIM ends at alpha 1 (``set_alpha_to_one=True``) with "leading" spacing. The offset is SD's
-    ``steps_offset=1`` because StableDiffusionPipeline rewrites any other value to 1 on loading; ldm's
-    DDIM gives the same images with ``steps_offset=1``.
+    Discrete diffusion (epsilon / v_prediction / sample): ``DDIMScheduler``, reproducing ldm's schedule and
+    its DDIM sampler step for step. ldm's DDIM ends at alpha 1 (``set_alpha_to_one=True``) with "leading"
+    spacing. The offset is SD's ``steps_offset=1`` because StableDiffusionPipeline rewrites any other value
+    to 1 on loading; ldm's DDIM gives the same images with ``steps_offset=1``.
+
+    Flow matching (``flow``, ``sampler_options`` with its ``shift``): ``FlowMatchEulerDiscreteScheduler``,
+    equal to ldm's flow_euler step for step. StableDiffusionPipeline cannot run it (the scheduler has no
+    ``init_noise_sigma``); a caller drives the loop itself or uses a flow pipeline.
+
+    EDM (``edm``, ``sampler_options`` with sigma_data, sigma_min, sigma_max, rho): ``EDMEulerScheduler`` with
+    ``prediction_type="epsilon"``, diffusers' name for EDM's F, equal to ldm's edm_euler step for step from the
+    same start; StableDiffusionPipeline starts it at sqrt(sigma_max^2 + 1) z instead of sigma_max z.
     """
+    options = dict(sampler_options or {})
+    if prediction_type == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "num_train_timesteps": schedule.num_train_timesteps, "shift": float(options.get("shift", 1.0)),
+                "use_dynamic_shifting": False}
+    if prediction_type == "edm":
+        missing = sorted({"sigma_data", "sigma_min", "sigma_max", "rho"} - set(options))
+        if missing:
+            raise ValueError(f"an EDM scheduler config needs the objective's {missing} (model.objective)")
+        return {"_class_name": "EDMEulerScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+                "sigma_data": float(options["sigma_data"]), "sigma_min": float(options["sigma_min"]),
+                "sigma_max": float(options["sigma_max"]), "rho": float(options["rho"]), "sigma_schedule": "karras",
+                "num_train_timesteps": schedule.num_train_timesteps, "prediction_type": "epsilon",
+                "final_sigmas_type": "zero"}
     return {
         "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
@@ -194,6 +219,26 @@ def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int) -> d
         "layer": "last", "pad_token_id": int(pad_token_id),
         "quick_gelu": config.get("hidden_act", "quick_gelu") == "quick_gelu",
     }
+
+
+def objective_of_scheduler(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(prediction_type, sampler options) of a model from its diffusers scheduler config, the inverse of
+    ``scheduler_config``: a FlowMatch scheduler means flow matching (with its shift), an EDM scheduler EDM's F
+    parametrisation (diffusers names it "epsilon"), any other the config's prediction_type."""
+    name = config.get("_class_name", "")
+    if name.startswith("FlowMatch"):
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("scheduler/scheduler_config.json: use_dynamic_shifting=true (a shift per image size) "
+                             "is not supported by ldm's flow samplers; give a fixed shift")
+        return "flow", {"shift": float(config.get("shift", 1.0))}
+    if name.startswith("EDM"):
+        if config.get("prediction_type", "epsilon") != "epsilon" or config.get("sigma_schedule", "karras") != "karras":
+            raise ValueError(f"scheduler/scheduler_config.json: {name} with prediction_type="
+                             f"{config.get('prediction_type')!r}, sigma_schedule={config.get('sigma_schedule')!r}; "
+                             "ldm's EDM takes prediction_type='epsilon' (F) on Karras sigmas only")
+        return "edm", {key: float(config.get(key, default)) for key, default in
+                       (("sigma_data", 0.5), ("sigma_min", 0.002), ("sigma_max", 80.0), ("rho", 7.0))}
+    return config.get("prediction_type", "epsilon"), {}
 
 
 def noise_schedule_config(config: Mapping[str, Any]) -> dict[str, Any]:

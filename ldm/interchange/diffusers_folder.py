@@ -97,6 +97,7 @@ def write_diffusers_folder(
     schedule: NoiseSchedule,
     prediction_type: str,
     latent_scale_factor: float,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a StableDiffusionPipeline folder. ``*_state`` are ldm (original-layout) state dicts and
     ``*_args`` the full constructor arguments of the models. The folder appears whole or not at all:
@@ -119,7 +120,8 @@ def write_diffusers_folder(
                      staging / "text_encoder/model.safetensors", metadata={"format": "pt"})
         write_tokenizer(text_encoder.tokenizer, text_encoder.context_length, text_encoder.pad_token_id,
                         staging / "tokenizer")
-        _write_json(staging / "scheduler/scheduler_config.json", scheduler_config(schedule, prediction_type))
+        _write_json(staging / "scheduler/scheduler_config.json",
+                    scheduler_config(schedule, prediction_type, sampler_options))
     return out_dir
 
 

@@ -22,6 +22,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.build import build, full_config
 from ldm.interchange.diffusers_configs import (
     noise_schedule_config,
+    objective_of_scheduler,
     text_encoder_model_config,
     unet_model_config,
     vae_model_config,
@@ -59,6 +60,7 @@ class LoadedModel:
     model_config: dict[str, dict[str, Any]]
     source: str
     ema_state: dict[str, Tensor] | None = field(default=None)
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # the objective's (flow: shift; EDM: sigmas)
 
 
 def source_kind(source: str | Path) -> str:
@@ -146,9 +148,11 @@ def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
     _load(built["unet"], parts["unet"], f"{path}/unet")
     _load(built["vae"], parts["vae"], f"{path}/vae")
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path}/text_encoder")
-    return LoadedModel(**built, prediction_type=scheduler.get("prediction_type", "epsilon"),
+    prediction_type, sampler_options = objective_of_scheduler(scheduler)
+    return LoadedModel(**built, prediction_type=prediction_type,
                        latent_scale_factor=float(parts["latent_scale_factor"] or SD_LATENT_SCALE_FACTOR),
-                       model_config={name: full_config(config) for name, config in configs.items()}, source=str(path))
+                       model_config={name: full_config(config) for name, config in configs.items()}, source=str(path),
+                       sampler_options=sampler_options)
 
 
 def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str, Mapping[str, Any]]) -> LoadedModel:
@@ -175,9 +179,10 @@ def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str
     scale = float(metadata.get("latent_scale_factor", SD_LATENT_SCALE_FACTOR))
     prediction_type = metadata.get("prediction_type", recorded.get("prediction_type", "epsilon") if recorded else "epsilon")
     ema_state = parts.get("ema_unet") if use_ema is False else None
+    sampler_options = json.loads(metadata["ldm_sampler_options"]) if "ldm_sampler_options" in metadata else {}
     return LoadedModel(**built, prediction_type=prediction_type, latent_scale_factor=scale,
                        model_config={name: full_config(config) for name, config in configs.items()},
-                       source=str(path), ema_state=ema_state)
+                       source=str(path), ema_state=ema_state, sampler_options=sampler_options)
 
 
 def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -234,7 +239,11 @@ def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[s
     if text_state:
         _load(built["text_encoder"], text_state, f"{path} (text encoder)")
     ema_state = None if use_ema else (ema or None)
-    return LoadedModel(**built, prediction_type=config.get("prediction_type", "epsilon"),
+    # A flow-matching or EDM run records its objective (model.objective); it decides the prediction type.
+    objective = build(config["objective"]) if config.get("objective") else None
+    return LoadedModel(**built, prediction_type=objective.prediction_type if objective else
+                       config.get("prediction_type", "epsilon"),
                        latent_scale_factor=float(state["latent_scale_factor"]),
                        model_config={name: full_config(config[name]) for name in COMPONENTS},
-                       source=str(path), ema_state=ema_state)
+                       source=str(path), ema_state=ema_state,
+                       sampler_options=objective.sampler_options() if objective else {})

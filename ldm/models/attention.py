@@ -30,6 +30,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
+    def attention_probs(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The attention weights (B, heads, N, M) that ``forward`` applies: softmax(q k^T / sqrt(dim_head)),
+        each query's distribution over the M context tokens (or the N queries without a context).
+
+        ``forward`` never forms this matrix (``scaled_dot_product_attention`` fuses it away); this is
+        for looking at where the model attends, e.g. which pixels read a caption's colour word.
+        """
+        context = x if context is None else context
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2).float()
+        k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2).float()
+        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         batch, length, _ = x.shape

@@ -40,12 +40,15 @@ def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str 
     if format == "diffusers":
         return write_diffusers_folder(
             out, unet_state, constructor_arguments(config["unet"]), vae_state, constructor_arguments(config["vae"]),
-            text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor)
+            text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor,
+            pipeline.sampler_options)
     text_layout = "open_clip" if text_encoder.layer == "penultimate" else "hf"
     state = original_checkpoint_state(unet_state, vae_state, text_encoder.tower.state_dict(),
                                       text_layout=text_layout, ema_state=pipeline.ema_state)
     metadata = {"latent_scale_factor": pipeline.latent_scale_factor, "prediction_type": pipeline.prediction_type,
                 "ldm_model_config": config}
+    if pipeline.sampler_options:  # a flow / EDM model's sampler settings (shift, sigmas), read back by load_model
+        metadata["ldm_sampler_options"] = pipeline.sampler_options
     return write_original_checkpoint(out, state, metadata=metadata)
 
 

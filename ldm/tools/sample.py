@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="default: the objective's (ddim for epsilon / v / x0, flow_euler, edm_heun)")
     parser.add_argument("--steps", type=positive_int, default=50)
     parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=None,
                         help="default: the sampler's own (leading for DDPM/DDIM, linspace for the others)")

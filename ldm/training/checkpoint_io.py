@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ldm.atomic import atomic_write
+from ldm.checkpoints import NotACheckpointError
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -32,3 +33,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        """Lightning's load (resume, ``ckpt_path=``), with a file that is not a weights-only checkpoint refused in
+        one line: torch's own message would advise loading it with ``weights_only=False``, which runs its code."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except (FileNotFoundError, NotACheckpointError):
+            raise
+        except Exception as error:  # pickle, zip and torch errors alike
+            raise NotACheckpointError(
+                f"ckpt_path={path} is not a weights-only torch checkpoint ({type(error).__name__}): it is damaged, not "
+                "a checkpoint, or holds objects other than tensors and plain values; ldm never loads such files"
+            ) from None

@@ -9,15 +9,16 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_weights
 from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
-from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
+from ldm.diffusion.losses import LossOptions, debiased_weights, huber_delta, per_sample_loss, perturbed_noise
+from ldm.diffusion.objectives import offset_noise
+from ldm.diffusion.training_objectives import DiscreteDiffusion, Objective, check_objective_configuration
 from ldm.diffusion.schedules import NoiseSchedule
-from ldm.diffusion.stratified import stratified_timesteps
+from ldm.diffusion.stratified import stratified_quantiles
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
@@ -43,12 +44,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
 
+    ``objective`` (``model/objective=flow|edm``, a ``training_objectives`` object) replaces discrete
+    diffusion, which ``prediction_type``, ``loss_weighting`` and ``snr_gamma`` configure when it is null.
+    ``loss`` (``LossOptions``): Huber losses, input perturbation, debiased weighting, timestep bias.
     Validation also logs a stratified loss (``val_loss_bins`` > 0): every validation sample is noised at one
-    timestep in each of ``val_loss_bins`` equal-width bins of t, with timesteps and noise drawn from a
-    generator seeded by (``val_loss_seed``, the sample's key), and the latents are the VAE posterior's mode.
+    level in each of ``val_loss_bins`` bins of equal probability under the objective's training levels
+    (``ldm.diffusion.stratified``; equal-width bins of t for discrete diffusion), with levels and noise drawn
+    from a generator seeded by (``val_loss_seed``, the sample's key), and the latents are the VAE posterior's mode.
     So the value depends on the weights alone: the same at every validation, in every run and on any number
     of processes. Logged as ``val/loss_bin_{k}`` (k = 0 lowest noise) and their mean ``val/loss_stratified``;
-    the per-sample weighting is the training loss's. ``val_loss_subset`` < 1 keeps that share of the validation
+    the per-sample loss and weighting are the training loss's (without offset noise or input perturbation). ``val_loss_subset`` < 1 keeps that share of the validation
     samples, chosen by key (so the same samples on any number of processes), to bound the cost of K passes.
     """
 
@@ -69,6 +74,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
+        objective: Objective | None = None,
+        loss: LossOptions | None = None,
         val_loss_bins: int = 10,
         val_loss_seed: int = 0,
         val_loss_subset: float = 1.0,
@@ -87,9 +94,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.noise_schedule = noise_schedule
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
-        self.prediction_type = prediction_type
+        check_objective_configuration(objective or DiscreteDiffusion(prediction_type), noise_schedule.zero_terminal_snr,
+                                      prediction_type, loss_weighting)
+        self.objective = objective or DiscreteDiffusion(prediction_type, loss_weighting, snr_gamma)
+        self.prediction_type = self.objective.prediction_type
         self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
+        self.loss_options = loss or LossOptions()
+        if self.loss_options.debiased and loss_weighting != "uniform":
+            raise ValueError(f"model.loss.debiased=true replaces the objective's weighting; "
+                             f"model.loss_weighting={loss_weighting} would be ignored: set it to uniform")
         self.offset_noise_strength = offset_noise_strength
         self.sample_posterior = sample_posterior
         self.vae_weights = vae_weights
@@ -187,21 +201,32 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return self.text_encoder(list(captions))
 
     def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps."""
-        batch_size = latents.shape[0]
-        num_timesteps = self.noise_schedule.num_train_timesteps
-        t = torch.randint(0, num_timesteps, (batch_size,), device=latents.device, generator=generator)
+        """The objective's weighted loss (MSE by default) between the U-Net's output and its target, at noise
+        levels drawn by the objective. latents: (B, C, h, w); context: (B, L, D)."""
+        options = self.loss_options
+        levels = self.objective.sample_levels(latents.shape[0], self.noise_schedule.num_train_timesteps, generator,
+                                              latents.device, options.timestep_bias_range,
+                                              options.timestep_bias_probability)
         if self.offset_noise_strength > 0:
             noise = offset_noise(latents.shape, self.offset_noise_strength, generator=generator,
                                  device=latents.device, dtype=latents.dtype)
         else:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x_t = q_sample(latents, t, noise, self.alphas_cumprod)
-        prediction = self.unet(x_t, t, context)
-        target = training_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = loss_weights(self.loss_weighting, t, self.alphas_cumprod, self.prediction_type, self.snr_gamma)
-        return (weights * per_sample).mean()
+        input_noise = perturbed_noise(noise, options.input_perturbation, generator) if options.input_perturbation else noise
+        return self.weighted_losses(latents, context, levels, noise, input_noise).mean()
+
+    def weighted_losses(self, latents: Tensor, context: Tensor, levels: Tensor, noise: Tensor,
+                        input_noise: Tensor) -> Tensor:
+        """Per-sample weighted losses (B,) at the objective's noise ``levels`` (B,); noise, input_noise like latents."""
+        options = self.loss_options
+        batch = self.objective.noised_batch(latents, noise, input_noise, levels, self.alphas_cumprod)
+        prediction = self.unet(batch.model_input, batch.timesteps, context)
+        delta = None
+        if options.loss_type != "mse":
+            delta = huber_delta(options.huber_schedule, options.huber_delta, batch.snr, batch.noise_fraction)
+        per_sample = per_sample_loss(prediction, batch.target, options.loss_type, delta)
+        weights = debiased_weights(batch.snr, batch.x0_error_scale) if options.debiased else batch.weights
+        return weights * per_sample
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = self.batch_latents(batch)
@@ -249,18 +274,14 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         context = context[kept]
         generators = [torch.Generator().manual_seed(seeds[i]) for i in kept]
         num_timesteps = self.noise_schedule.num_train_timesteps
-        # (B, K) timesteps and (B, K, C, h, w) noise, drawn on the CPU so every device sees the same numbers.
-        t = torch.stack([stratified_timesteps(g, num_timesteps, self.val_loss_bins) for g in generators])
+        # (B, K) quantiles and (B, K, C, h, w) noise, drawn on the CPU so every device sees the same numbers.
+        u = torch.stack([stratified_quantiles(g, self.val_loss_bins) for g in generators]).to(self.device)
         noise = torch.stack([torch.randn((self.val_loss_bins, *latents.shape[1:]), generator=g) for g in generators])
-        t, noise = t.to(self.device), noise.to(self.device, latents.dtype)
+        noise = noise.to(self.device, latents.dtype)
         for k in range(self.val_loss_bins):
-            x_t = q_sample(latents, t[:, k], noise[:, k], self.alphas_cumprod)
-            prediction = self.unet(x_t, t[:, k], context)
-            target = training_target(self.prediction_type, latents, noise[:, k], t[:, k], self.alphas_cumprod)
-            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            weights = loss_weights(self.loss_weighting, t[:, k], self.alphas_cumprod, self.prediction_type,
-                                   self.snr_gamma)
-            self._val_bin_sums[k] += (weights * per_sample).double().sum()
+            levels = self.objective.levels_from_quantiles(u[:, k], num_timesteps)
+            losses = self.weighted_losses(latents, context, levels, noise[:, k], noise[:, k])
+            self._val_bin_sums[k] += losses.double().sum()
             self._val_bin_counts[k] += latents.shape[0]
 
     def on_validation_epoch_end(self) -> None:
@@ -299,6 +320,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
+            sampler_options=self.objective.sampler_options(),
             model_config={name: self.model_config[name] for name in components} if self.model_config else None,
             ema_state=ema_state,
         )

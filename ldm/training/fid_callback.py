@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ldm.diffusion.samplers import check_sampler
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, generate_and_score
 from ldm.evaluation.metrics import fid_from_features
@@ -32,7 +33,7 @@ class FIDCallback(L.Callback):
         num_samples: int = 64,
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
         use_ema: bool = True,
@@ -53,6 +54,11 @@ class FIDCallback(L.Callback):
         self.real_features: Tensor | None = None
         self.captions: list[str] = []
         self.history: list[tuple[int, float]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse at start-up a sampler that does not fit the model's objective (None: the objective's default)."""
+        if self.sampler is not None:
+            check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.fid.sampler")
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule

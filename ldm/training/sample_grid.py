@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.diffusion.samplers import check_sampler
 from ldm.config_check import check_number
 from ldm.visualization import captioned_grid, to_pil_images
 
@@ -52,7 +53,7 @@ class SampleGridLogger(L.Callback):
         seed: int = 0,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         use_ema: bool = True,
         columns: int = 6,
         tile_size: int = 128,
@@ -80,7 +81,10 @@ class SampleGridLogger(L.Callback):
         self.last_grid_path: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Choose the prompts from the validation captions when none were listed."""
+        """Refuse a sampler that does not fit the model's objective (None: the objective's default), and
+        choose the prompts from the validation captions when none were listed."""
+        if self.sampler is not None:
+            check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.sample_grid.sampler")
         if self.prompts is not None:
             return
         datamodule = trainer.datamodule

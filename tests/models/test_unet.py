@@ -134,6 +134,19 @@ def test_cross_attention_matches_explicit_softmax_attention():
     torch.testing.assert_close(attention(x, context), expected)
 
 
+def test_attention_probs_are_the_weights_that_forward_applies():
+    """attention_probs gives each query a distribution over the tokens, and mixing v with it reproduces forward."""
+    torch.manual_seed(0)
+    attention = CrossAttention(query_dim=12, context_dim=10, heads=3, dim_head=4)
+    x, context = torch.randn(2, 6, 12), torch.randn(2, 5, 10)
+    probs = attention.attention_probs(x, context)
+    assert probs.shape == (2, 3, 6, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 6))
+    v = attention.to_v(context).view(2, 5, 3, 4).transpose(1, 2)
+    mixed = attention.to_out((probs @ v).transpose(1, 2).reshape(2, 6, 12))
+    torch.testing.assert_close(attention(x, context), mixed)
+
+
 @pytest.mark.parametrize("upcast", [False, True])
 def test_upcast_attention_runs_attention_in_fp32_under_bf16_autocast(upcast, monkeypatch):
     model = tiny_unet(upcast_attention=upcast).eval()

@@ -11,28 +11,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.diffusion.stratified import stratified_timesteps, timestep_bin_edges
+from ldm.diffusion.stratified import stratified_quantiles
+from ldm.diffusion.training_objectives import EDM, DiscreteDiffusion, FlowMatching
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def test_stratified_timesteps_fall_one_in_each_bin_and_repeat_with_the_seed():
-    edges = timestep_bin_edges(1000, 10)
-    assert edges.tolist() == list(range(0, 1001, 100))
-    draws = torch.stack([stratified_timesteps(torch.Generator().manual_seed(s), 1000, 10) for s in range(200)])
-    bins = torch.bucketize(draws, edges[1:], right=True)
-    assert (bins == torch.arange(10)).all()  # timestep k lies in bin k
-    assert draws.min() == 0 or draws.min() < 5 and draws.max() > 995  # the whole range is reachable
-    again = stratified_timesteps(torch.Generator().manual_seed(3), 1000, 10)
-    assert torch.equal(again, draws[3])
-
-
-def test_uneven_bins_cover_the_range_without_gaps():
-    edges = timestep_bin_edges(7, 3)
-    assert edges.tolist() == [0, 2, 4, 7]
+def test_stratified_quantiles_fall_one_in_each_bin_and_repeat_with_the_seed():
+    draws = torch.stack([stratified_quantiles(torch.Generator().manual_seed(s), 10) for s in range(200)])
+    assert ((draws * 10).floor().long() == torch.arange(10)).all()  # quantile k lies in bin k
+    assert draws.min() < 0.005 and draws.max() > 0.995  # the whole range is reachable
+    assert torch.equal(stratified_quantiles(torch.Generator().manual_seed(3), 10), draws[3])
     with pytest.raises(ValueError, match="num_bins"):
-        timestep_bin_edges(5, 6)
+        stratified_quantiles(torch.Generator(), 0)
+
+
+@pytest.mark.parametrize("objective", [DiscreteDiffusion(), FlowMatching(), EDM()], ids=repr)
+def test_each_bin_holds_an_equal_share_of_the_objectives_training_levels(objective):
+    """Bin edges mapped through the objective: a tenth of its training draws falls between each pair."""
+    edges = objective.levels_from_quantiles(torch.linspace(0, 1, 11).clamp(1e-5, 1 - 1e-5), 1000).double()
+    training = objective.sample_levels(20_000, 1000, torch.Generator().manual_seed(0), torch.device("cpu"), None, 0.0)
+    counts = torch.bucketize(training.double(), edges[1:-1], right=True).bincount(minlength=10)
+    # 2000 expected per bin; binomial std ~42, so 10% (about 5 std) is a failure of the mapping, not chance.
+    assert ((counts - 2000).abs() < 200).all(), counts.tolist()
+    if isinstance(objective, DiscreteDiffusion):
+        assert edges.tolist()[:-1] == list(range(0, 1000, 100))  # equal-width bins of t
 
 
 def run(devices: int, batch_per_rank: int, output: Path) -> list[dict[str, float]]:
@@ -75,3 +79,28 @@ def test_the_plot_callback_keeps_one_row_per_validation_step_and_draws_the_curve
     restored = StratifiedLossPlot(str(tmp_path))
     restored.load_state_dict(callback.state_dict())
     assert restored.history == callback.history
+
+
+@pytest.mark.parametrize("objective", ["flow", "edm"])
+def test_the_stratified_loss_runs_for_every_objective(objective):
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from torch.utils.data import DataLoader
+
+    from ldm.config import instantiate_module
+
+    sys.path.insert(0, str(HERE))
+    from stratified_loss_run import KeyedImages
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+                                          f"model/objective={objective}", "model.loss_weighting=uniform",
+                                          "model.val_loss_subset=1.0"])
+    torch.manual_seed(0)
+    module = instantiate_module(cfg.model)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.validate(module, DataLoader(KeyedImages(), batch_size=5), verbose=False)
+    bins = [float(trainer.callback_metrics[f"val/loss_bin_{k}"]) for k in range(10)]
+    assert all(value > 0 for value in bins) and len(set(bins)) == 10
+    assert float(trainer.callback_metrics["val/loss_stratified"]) == pytest.approx(sum(bins) / 10, rel=1e-6)
