@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
+from ldm.training.lora import LoraError, LoraOptions, share_frozen_weights
+from ldm.training.lora_module import add_lora_to_module, check_lora_checkpoint, lora_pipeline_parts
 from ldm.training.lr_schedules import WarmupSchedule
 from ldm.training.skip_logging import SkipCountLogging
 
@@ -40,6 +43,9 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     ``pretrained`` (``PretrainedWeights`` or its fields) starts from released weights (fine-tuning):
     ``path`` an original SD ``.ckpt``/``.safetensors`` or a diffusers folder; U-Net (its EMA copy with ``use_ema``), VAE and, with ``text_encoder``, the text tower are
     loaded before the EMA copy is made. ``vae_weights``, when also given, then replaces the VAE.
+
+    ``lora`` (``LoraOptions`` or its fields, needs ``pretrained``): train peft LoRA adapters instead of the
+    U-Net (see ``ldm.training.lora_module``); only adapter weights are trainable, averaged and checkpointed.
     """
 
     def __init__(
@@ -59,11 +65,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_posterior: bool = True,
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
+        lora: LoraOptions | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
         check_numbers(latent_scale_factor, snr_gamma, offset_noise_strength, ema_decay)
         self.pretrained = build_options(PretrainedWeights, pretrained, "model.pretrained")
+        self.lora = build_options(LoraOptions, lora, "model.lora")
+        if self.lora and not self.pretrained:
+            raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
+                            "or a diffusers folder, e.g. a run's model/ folder)")
         if vae_weights and not os.path.isfile(vae_weights):
             raise FileNotFoundError(
                 f"model.vae_weights={vae_weights} does not exist: train stage 1 first (for the demo: python train.py "
@@ -93,7 +104,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         for frozen in (self.vae, self.text_encoder):
             frozen.eval()
             frozen.requires_grad_(False)
+        if self.lora:
+            add_lora_to_module(self)
         self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+        if self.lora and self.ema_unet is not None:
+            share_frozen_weights(self.ema_unet.module, unet)
         self.frozen_files = self._describe_frozen_files()
 
     def _describe_frozen_files(self) -> dict[str, dict[str, Any]]:
@@ -161,10 +176,12 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.latent_scale_factor.fill_(1.0 / float(std))
         self.print(f"latent_scale_factor measured on the first batch: {float(self.latent_scale_factor):.5f}")
 
-    @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Captions -> context (B, L, D) from the frozen text encoder."""
-        return self.text_encoder(list(captions))
+        """Captions -> context (B, L, D) from the frozen text encoder (with gradients to its LoRA adapters only
+        when ``model.lora.text_encoder`` trains them)."""
+        trains_text = bool(self.lora and self.lora.text_encoder and self.training)
+        with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
+            return self.text_encoder(list(captions))
 
     def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps."""
@@ -208,7 +225,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
+        trainable = [*self.unet.parameters(), *(self.text_encoder.parameters() if self.lora else ())]
+        optimizer = self.optimizer_factory(params=[p for p in trainable if p.requires_grad])
         config: dict[str, Any] = {"optimizer": optimizer}
         if self.lr_schedule is not None:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
@@ -222,11 +240,14 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
         unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
         ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None) else None
+        text_encoder = self.text_encoder
+        if self.lora:  # the plain model with the adapters merged in: what export and other tools expect
+            unet, text_encoder, ema_state = lora_pipeline_parts(self, use_ema)
         components = ("unet", "vae", "text_encoder", "noise_schedule")
         return TextToImagePipeline(
             unet=unet,
             vae=self.vae,
-            text_encoder=self.text_encoder,
+            text_encoder=text_encoder,
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
@@ -241,9 +262,13 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return prefixes + (["text_encoder."] if self.pretrained and self.pretrained.text_encoder else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefixes = tuple(self._weights_from_files())
+        # A LoRA run keeps only its adapters: the base U-Net is the model.pretrained file's.
+        prefixes = tuple(self._weights_from_files()) + (("unet.", "ema_unet.module.") if self.lora else ())
         if prefixes:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(prefixes) or (self.lora and ".lora_" in k)}
+        if self.lora:
+            checkpoint["ldm_lora"] = dataclasses.asdict(self.lora)
         checkpoint["ldm_model_config"] = self.model_config
         checkpoint["ldm_frozen_files"] = self.frozen_files
 
@@ -257,10 +282,12 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
                 raise FrozenFileError(f"{option}={current['path']} has sha256 {current['sha256']}, but the checkpoint "
                                       f"was trained with {record['path']} of sha256 {record['sha256']}")
         own = self.state_dict()
-        for prefix in self._weights_from_files():
-            for key, value in own.items():
-                if key.startswith(prefix):
-                    checkpoint["state_dict"].setdefault(key, value)
+        if self.lora or "ldm_lora" in checkpoint:
+            check_lora_checkpoint(checkpoint, own, self.lora)
+        prefixes = tuple(self._weights_from_files()) + (("unet.", "ema_unet.module.") if self.lora else ())
+        for key, value in own.items():
+            if key.startswith(prefixes):
+                checkpoint["state_dict"].setdefault(key, value)
 
 
 def check_optimizer_arguments(optimizer: Callable[..., torch.optim.Optimizer]) -> None:
