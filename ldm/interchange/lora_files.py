@@ -59,9 +59,14 @@ class LoraWeights:
         return factor * torch.einsum("or,rikl->oikl", up.flatten(1), down)
 
 
+def plain_key(key: str) -> str:
+    """A state-dict key of a peft-wrapped model under the original layer's name (``base_layer`` removed)."""
+    return _PEFT_WRAPPER.sub("", key)
+
+
 def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """``module.state_dict()`` without peft's adapters and with adapted layers under their original names."""
-    return {_PEFT_WRAPPER.sub("", key): value for key, value in module.state_dict().items() if ".lora_" not in key}
+    return {plain_key(key): value for key, value in module.state_dict().items() if ".lora_" not in key}
 
 
 class LoraNames:

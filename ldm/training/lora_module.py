@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from ldm.interchange.lora_files import LoraNames, LoraWeights, read_lora_file
+from ldm.interchange.lora_files import LoraNames, LoraWeights, read_lora_file, write_lora_file
 from ldm.training.lora import (
     TEXT_TARGETS,
     LoraError,
@@ -81,3 +82,15 @@ def check_lora_checkpoint(checkpoint: Mapping[str, Any], own_state: Mapping[str,
                         f"(model.lora.target_modules={list(options.target_modules)}, checkpoint "
                         f"{list(recorded['target_modules'])}): only in the checkpoint {extra[:5]}, only here "
                         f"{missing[:5]}")
+
+
+LORA_FILE_NAMES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
+
+
+def write_run_lora(module: Any, folder: str | Path, use_ema: bool = True) -> list[Path]:
+    """Write the module's adapters into ``folder`` in both layouts: ``pytorch_lora_weights.safetensors``
+    (diffusers' ``load_lora_weights(folder)`` finds it by that name) and ``lora_kohya.safetensors``."""
+    adapters = module_adapters(module, use_ema)
+    names = LoraNames(module.unet, module.text_encoder)
+    return [write_lora_file(Path(folder) / file_name, adapters, names, layout=layout)
+            for layout, file_name in LORA_FILE_NAMES.items()]
