@@ -16,6 +16,7 @@ from ldm.checkpoints import load_weights
 from ldm.config_check import build_options, check_number
 from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.objectives import loss_weights, offset_noise, q_sample, training_target
+from ldm.diffusion.prior_preservation import prior_preservation_weights
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
@@ -46,6 +47,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     ``lora`` (``LoraOptions`` or its fields, needs ``pretrained``): train peft LoRA adapters instead of the
     U-Net (see ``ldm.training.lora_module``); only adapter weights are trainable, averaged and checkpointed.
+    ``prior_loss_weight``: DreamBooth's weight of the class images' loss, for batches that mark them
+    (``is_prior``, from ``ldm.data.dreambooth.DreamBoothDataModule``).
     """
 
     def __init__(
@@ -66,12 +69,15 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         sample_posterior: bool = True,
         pretrained: PretrainedWeights | Mapping[str, Any] | None = None,
         lora: LoraOptions | Mapping[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
         check_numbers(latent_scale_factor, snr_gamma, offset_noise_strength, ema_decay)
         self.pretrained = build_options(PretrainedWeights, pretrained, "model.pretrained")
         self.lora = build_options(LoraOptions, lora, "model.lora")
+        check_number("model.prior_loss_weight", prior_loss_weight, minimum=0.0)
+        self.prior_loss_weight = prior_loss_weight
         if self.lora and not self.pretrained:
             raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
                             "or a diffusers folder, e.g. a run's model/ folder)")
@@ -183,8 +189,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
             return self.text_encoder(list(captions))
 
-    def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps."""
+    def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None,
+                       sample_weights: Tensor | None = None) -> Tensor:
+        """Weighted MSE between the U-Net's prediction and the target at uniformly drawn timesteps: the mean
+        over the batch, or with ``sample_weights`` (B,) the weighted sum."""
         batch_size = latents.shape[0]
         num_timesteps = self.noise_schedule.num_train_timesteps
         t = torch.randint(0, num_timesteps, (batch_size,), device=latents.device, generator=generator)
@@ -198,12 +206,17 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         target = training_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         weights = loss_weights(self.loss_weighting, t, self.alphas_cumprod, self.prediction_type, self.snr_gamma)
+        if sample_weights is not None:
+            return (weights * per_sample * sample_weights).sum()
         return (weights * per_sample).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = self.batch_latents(batch)
         context = self.batch_context(batch)
-        loss = self.diffusion_loss(latents, context)
+        sample_weights = None
+        if "is_prior" in batch:
+            sample_weights = prior_preservation_weights(batch["is_prior"], self.prior_loss_weight)
+        loss = self.diffusion_loss(latents, context, sample_weights=sample_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log_skip_counts(batch)
         return loss
