@@ -7,6 +7,8 @@ Files come in two layouts:
 - ``diffusers`` (peft's names, what ``StableDiffusionPipeline.load_lora_weights`` reads):
   ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight``, ``text_encoder.text_model.<...>``.
   The layout has no alpha (diffusers takes alpha = rank), so ``alpha / rank`` is folded into ``lora_B``.
+  Text-tower adapters (on the MLPs: OpenCLIP's packed q/k/v cannot carry one) are refused here, as
+  diffusers' text-encoder loader converts only attention projections; the kohya layout carries them.
 - ``kohya`` (sd-scripts, read by A1111 and ComfyUI): ``lora_unet_<module with _>.lora_down.weight``,
   ``.lora_up.weight``, ``.alpha``; ``lora_te_<transformers module with _>``.
 
@@ -141,6 +143,9 @@ def adapters_to_layout(adapters: Mapping[str, LoraWeights], names: LoraNames, la
         if foreign is None:
             raise CheckpointMismatchError(f"the adapted layer {name} has no name in diffusers' layout")
         if layout == "diffusers":
+            if component == "text_encoder":
+                raise ValueError(f"the text-tower adapter {name} cannot be written in the diffusers layout (diffusers "
+                                 "loads text-encoder LoRA on attention projections only); write the kohya layout")
             state[f"{component}.{foreign}.lora_A.weight"] = weights.down.contiguous()
             state[f"{component}.{foreign}.lora_B.weight"] = (weights.up * (weights.alpha / weights.rank)).contiguous()
         else:

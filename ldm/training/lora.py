@@ -68,6 +68,11 @@ def _suffix_pattern(targets: Sequence[str]) -> str:
     return r"^(.*\.)?(" + "|".join(re.escape(target) for target in targets) + r")$"
 
 
+def _anchored(names: Sequence[str]) -> str:
+    """A regex matching exactly ``names``: a suffix may also name a layer peft cannot wrap (an Identity skip)."""
+    return "^(" + "|".join(re.escape(name) for name in names) + ")$"
+
+
 def _adaptable(module: nn.Module, targets: Sequence[str]) -> list[str]:
     pattern = re.compile(_suffix_pattern(targets))
     return [name for name, child in module.named_modules()
@@ -85,7 +90,7 @@ def add_adapters(module: nn.Module, targets: Sequence[str], options: LoraOptions
         raise LoraError(f"{option}: {', '.join(unmatched)} match no linear or convolution layer of the "
                         f"{type(module).__name__}; its layers end in e.g. {_example_names(module)}")
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=_suffix_pattern(targets), init_lora_weights=True)
+                        target_modules=_anchored(matched), init_lora_weights=True)
     module.requires_grad_(False)
     inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     for name, parameter in module.named_parameters():
@@ -94,9 +99,9 @@ def add_adapters(module: nn.Module, targets: Sequence[str], options: LoraOptions
 
 
 def _example_names(module: nn.Module) -> str:
-    names = sorted({name.split(".", 2)[-1] if name.count(".") >= 2 else name
-                    for name, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Conv2d))})
-    return ", ".join(names[:8])
+    tails = sorted({".".join(name.split(".")[-2:]) for name, child in module.named_modules()
+                    if isinstance(child, (nn.Linear, nn.Conv2d)) and not name.split(".")[-1].isdigit()})
+    return ", ".join(tails[:12])
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:

@@ -88,9 +88,11 @@ LORA_FILE_NAMES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lo
 
 
 def write_run_lora(module: Any, folder: str | Path, use_ema: bool = True) -> list[Path]:
-    """Write the module's adapters into ``folder`` in both layouts: ``pytorch_lora_weights.safetensors``
-    (diffusers' ``load_lora_weights(folder)`` finds it by that name) and ``lora_kohya.safetensors``."""
+    """Write the module's adapters into ``folder``: ``lora_kohya.safetensors`` and, for U-Net adapters alone
+    (see ``ldm.interchange.lora_files``), ``pytorch_lora_weights.safetensors``, the name diffusers'
+    ``load_lora_weights(folder)`` looks for."""
     adapters = module_adapters(module, use_ema)
     names = LoraNames(module.unet, module.text_encoder)
-    return [write_lora_file(Path(folder) / file_name, adapters, names, layout=layout)
-            for layout, file_name in LORA_FILE_NAMES.items()]
+    layouts = ["kohya"] + ([] if module.lora.text_encoder else ["diffusers"])
+    return [write_lora_file(Path(folder) / LORA_FILE_NAMES[layout], adapters, names, layout=layout)
+            for layout in layouts]
