@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ldm.config import constructor_arguments
+from ldm.interchange.build import constructor_arguments
 from ldm.evaluation.reference import read_image_caption_set
 from ldm.interchange.diffusers_configs import unet_config
 from ldm.interchange.diffusers_keys import diffusers_unet_to_ldm
