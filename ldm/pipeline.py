@@ -62,7 +62,8 @@ class TextToImagePipeline:
                         ) -> "TextToImagePipeline":
         """The pipeline of a diffusers folder, an SD ``.safetensors``/``.ckpt`` file or an ldm training
         checkpoint. ``load_options`` go to ``ldm.interchange.load_model.load_model`` (``use_ema``,
-        ``vae_weights``, ``pretrained``, ``model_config``, ``prediction_type``, ``search_dirs``)."""
+        ``vae_weights``, ``pretrained``, ``model_config``, ``prediction_type``, ``search_dirs``; ``lora``: a LoRA
+        file in diffusers' or kohya's layout merged in at ``lora_scale``)."""
         from ldm.interchange.load_model import load_model  # deferred: conversions are not needed to sample
 
         model = load_model(source, **load_options)

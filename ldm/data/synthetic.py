@@ -31,6 +31,10 @@ from ldm.atomic import atomic_write
 logger = logging.getLogger(__name__)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Shapes the default set never draws: a concept to teach a trained model afterwards (LoRA, DreamBooth).
+NEW_SHAPES: tuple[str, ...] = ("cross",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + NEW_SHAPES
+CROSS_ARM_WIDTH = 1 / 3  # arm thickness as a fraction of the span: area 5/9 of the bounding square
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -66,17 +70,17 @@ def parse_caption(caption: str) -> dict[str, str]:
     if match is None:
         raise ValueError(f"caption {caption!r} is not of the form 'a <colour> <shape> on a <background> background'")
     colour, shape, background = match.groups()
-    if shape not in SHAPES or colour not in COLOURS or background not in BACKGROUNDS:
+    if shape not in ALL_SHAPES or colour not in COLOURS or background not in BACKGROUNDS:
         raise ValueError(
-            f"caption {caption!r} names an unknown fact; shapes: {SHAPES}, colours: {tuple(COLOURS)}, "
+            f"caption {caption!r} names an unknown fact; shapes: {ALL_SHAPES}, colours: {tuple(COLOURS)}, "
             f"backgrounds: {tuple(BACKGROUNDS)}"
         )
     return {"shape": shape, "colour": colour, "background": background}
 
 
 def _check_facts(shape: str, colour: str, background: str) -> None:
-    if shape not in SHAPES:
-        raise ValueError(f"shape={shape!r} is unknown; choose one of {SHAPES}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"shape={shape!r} is unknown; choose one of {ALL_SHAPES}")
     if colour not in COLOURS:
         raise ValueError(f"colour={colour!r} is unknown; choose one of {tuple(COLOURS)}")
     if background not in BACKGROUNDS:
@@ -87,7 +91,8 @@ def shape_coverage(shape: str, size: float, centre: tuple[float, float], resolut
     """Fraction of each pixel covered by the shape, (resolution, resolution) float32 in [0, 1].
 
     ``size``: span (width and height) as a fraction of the image side; ``centre``: (x, y) as fractions
-    of the image side, origin at the top left. The triangle is upright and isosceles (base = height = span).
+    of the image side, origin at the top left. The triangle is upright and isosceles (base = height = span);
+    the cross is an upright plus sign whose arms are a third of the span thick.
     """
     high = resolution * SUPERSAMPLING
     coords = (np.arange(high, dtype=np.float64) + 0.5) / high  # sub-pixel centres, in fractions of the side
@@ -101,8 +106,12 @@ def shape_coverage(shape: str, size: float, centre: tuple[float, float], resolut
     elif shape == "triangle":
         depth_below_apex = y + half  # 0 at the apex, size at the base
         inside = (depth_below_apex >= 0) & (y <= half) & (np.abs(x) <= depth_below_apex / 2)
+    elif shape == "cross":
+        arm = half * CROSS_ARM_WIDTH
+        square = (np.abs(x) <= half) & (np.abs(y) <= half)
+        inside = square & ((np.abs(x) <= arm) | (np.abs(y) <= arm))
     else:
-        raise ValueError(f"shape={shape!r} is unknown; choose one of {SHAPES}")
+        raise ValueError(f"shape={shape!r} is unknown; choose one of {ALL_SHAPES}")
     blocks = inside.reshape(resolution, SUPERSAMPLING, resolution, SUPERSAMPLING)
     return blocks.mean(axis=(1, 3), dtype=np.float32)
 
@@ -130,11 +139,11 @@ def render_scene(
     return Image.fromarray(np.round(pixels).astype(np.uint8), mode="RGB")
 
 
-def sample_scene_facts(num_samples: int, seed: int, split: str) -> list[dict]:
-    """Facts of ``num_samples`` scenes: each block of 54 consecutive scenes holds every
-    (shape, colour, background) combination once, in a random order; size and centre are uniform."""
+def sample_scene_facts(num_samples: int, seed: int, split: str, shapes: tuple[str, ...] = SHAPES) -> list[dict]:
+    """Facts of ``num_samples`` scenes: each block of consecutive scenes (54 for the three default ``shapes``)
+    holds every (shape, colour, background) combination once, in a random order; size and centre are uniform."""
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    combinations = [(s, c, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS]
+    combinations = [(s, c, b) for s in shapes for c in COLOURS for b in BACKGROUNDS]
     facts = []
     while len(facts) < num_samples:
         for index in rng.permutation(len(combinations)):
@@ -169,6 +178,7 @@ def write_synthetic_shards(
     resolution: int = 32,
     seed: int = 0,
     split: str = "train",
+    shapes: tuple[str, ...] = SHAPES,
 ) -> list[Path]:
     """Write ``num_samples`` scenes to ``out_dir/{split}-000000.tar, ...``; returns the shard paths.
 
@@ -183,7 +193,9 @@ def write_synthetic_shards(
         raise ValueError(f"resolution={resolution} is too small to draw a recognisable shape; use >= {MIN_RESOLUTION}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    facts = sample_scene_facts(num_samples, seed, split)
+    for shape in shapes:
+        _check_facts(shape, "red", "white")
+    facts = sample_scene_facts(num_samples, seed, split, tuple(shapes))
     paths = []
     for shard_index in range(math.ceil(num_samples / samples_per_shard)):
         path = out_dir / f"{split}-{shard_index:06d}.tar"
@@ -216,8 +228,10 @@ def ensure_synthetic_dataset(
     samples_per_shard: int = 256,
     resolution: int = 32,
     seed: int = 0,
+    shapes: tuple[str, ...] | None = None,
 ) -> tuple[str, str]:
-    """Make sure the built-in set exists under ``data_dir/synthetic-{resolution}px-{seed}/``; returns
+    """Make sure the built-in set exists under ``data_dir/synthetic-{resolution}px-{seed}/`` (``-{shapes}`` added
+    when ``shapes`` are not the default three, e.g. ``("cross",)`` for a fine-tuning set); returns
     brace-expanded shard specs ``(train, val)``, e.g. ``".../train-{000000..000015}.tar"``.
 
     Generated on first use into a temporary folder whose marker file (the parameters) is written
@@ -233,6 +247,9 @@ def ensure_synthetic_dataset(
         samples_per_shard=samples_per_shard, resolution=resolution, seed=seed,
     )
     directory = Path(data_dir) / f"synthetic-{resolution}px-{seed}"
+    if shapes is not None and tuple(shapes) != SHAPES:
+        parameters["shapes"] = list(shapes)
+        directory = directory.with_name(f"{directory.name}-{'-'.join(shapes)}")
     specs = (
         _shard_spec(directory, "train", math.ceil(num_train / samples_per_shard)),
         _shard_spec(directory, "val", math.ceil(num_val / samples_per_shard)),
@@ -243,8 +260,9 @@ def ensure_synthetic_dataset(
     started = time.perf_counter()
     try:
         with atomic_write(directory) as staging:
-            write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train")
-            write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val")
+            chosen = tuple(shapes) if shapes is not None else SHAPES
+            write_synthetic_shards(staging, num_train, samples_per_shard, resolution, seed, split="train", shapes=chosen)
+            write_synthetic_shards(staging, num_val, samples_per_shard, resolution, seed, split="val", shapes=chosen)
             (staging / MARKER_NAME).write_text(json.dumps(parameters, sort_keys=True))
             if directory.exists():
                 if _read_marker(directory) == parameters:  # another process finished first: keep its set
@@ -275,8 +293,14 @@ class SyntheticSet:
     samples_per_shard: int = 256
     resolution: int = 32
     seed: int = 0
+    shapes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.shapes is not None:
+            object.__setattr__(self, "shapes", tuple(self.shapes))
+            unknown = [shape for shape in self.shapes if shape not in ALL_SHAPES]
+            if unknown or not self.shapes:
+                raise ValueError(f"data.synthetic.shapes={list(self.shapes)}: choose from {ALL_SHAPES}")
         if not str(self.data_dir).strip():
             raise ValueError("data.synthetic.data_dir is empty: give the folder to write the set into")
         for name in ("num_train", "num_val", "samples_per_shard"):

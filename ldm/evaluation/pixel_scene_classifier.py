@@ -70,6 +70,8 @@ _CANDIDATE_DISTANCE = 80.0
 # fill = area / (width * height): square 1, circle pi/4 ~ 0.785 (seen: <= 0.85 with blur and noise,
 # square >= 0.95); vertical skewness of the area: upright triangle -2*sqrt(2)/5 ~ -0.57, the others 0.
 _SQUARE_MIN_FILL = 0.9
+# The cross (ldm.data.synthetic.NEW_SHAPES) fills 5/9 ~ 0.56 of its box, the circle pi/4 ~ 0.785: split between.
+_CROSS_MAX_FILL = 0.67
 _TRIANGLE_MAX_SKEW = -0.25
 # Float tensors below this are taken to be in [-1, 1]: a scene in [-1, 1] always holds a channel near -1.
 _SIGNED_RANGE_BELOW = -0.25
@@ -86,7 +88,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def _shape_from_coverage(coverage: np.ndarray) -> str:
-    """Circle, square or triangle from a (H, W) map of shape coverage in [0, 1] (zero off the shape)."""
+    """Circle, square, triangle or cross from a (H, W) map of shape coverage in [0, 1] (zero off the shape)."""
     area = coverage.sum()
     # The mean of the 3 longest rows/columns: robust to noise on one line.
     width = np.sort(coverage.sum(axis=1))[-3:].mean()
@@ -99,6 +101,8 @@ def _shape_from_coverage(coverage: np.ndarray) -> str:
     skewness = (row_mass * (y - mean) ** 3).sum() / max(variance, 1e-6) ** 1.5
     if skewness < _TRIANGLE_MAX_SKEW:
         return "triangle"
+    if fill < _CROSS_MAX_FILL:
+        return "cross"
     return "square" if fill >= _SQUARE_MIN_FILL else "circle"
 
 
@@ -114,7 +118,7 @@ def classify_scene(
     pixels are nearest to; shape pixels = those at least half way from the background colour to the
     shape's colour (largest connected region); colour = nearest palette colour to the median of the
     shape's core; shape = from its coverage map: vertical skewness (triangle) and area over width x
-    height (square ~1, circle ~pi/4). Shape and colour are ``"none"`` when no shape is found.
+    height (square ~1, circle ~pi/4, cross 5/9). Shape and colour are ``"none"`` when no shape is found.
     """
     pixels = _as_rgb_array(image, value_range)
     height, width, _ = pixels.shape

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ldm.checkpoints import check_state_dict, read_metadata, read_state_dict, read_torch_file
@@ -29,6 +30,7 @@ from ldm.interchange.diffusers_configs import (
 )
 from ldm.interchange.diffusers_folder import read_diffusers_folder
 from ldm.interchange.frozen_files import default_search_dirs, resolve_frozen_file
+from ldm.interchange.lora_files import LoraNames, LoraWeights, adapters_from_layout, merge_lora, plain_key, read_lora_file
 from ldm.interchange.original_configs import (
     text_encoder_config_from_weights,
     unet_config_from_weights,
@@ -91,6 +93,8 @@ def load_model(
     prediction_type: str | None = None,
     search_dirs: Iterable[str | Path] | None = None,
     options: Mapping[str, str] | None = None,
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
 ) -> LoadedModel:
     """Build the model ``source`` holds; see the module docstring for the forms.
 
@@ -102,6 +106,8 @@ def load_model(
     ``models/`` and the checkpoint's folders). ``model_config`` overrides component configs of a released
     SD file; ``prediction_type`` that of a file that does not record it (SD 2.x 768 px: ``v_prediction``).
     ``options``: how the caller's user gives each frozen file, for error messages.
+    ``lora``: a LoRA file (diffusers or kohya layout, ``ldm.interchange.lora_files``) merged into the weights
+    at ``lora_scale``; a LoRA run's checkpoint is merged with its own adapters.
     """
     kind = source_kind(source)
     if kind == "diffusers":
@@ -114,6 +120,10 @@ def load_model(
                                           search, {**DEFAULT_OPTIONS, **(options or {})})
     if prediction_type is not None:
         model.prediction_type = prediction_type
+    if lora is not None:
+        adapters = read_lora_file(lora, LoraNames(model.unet, model.text_encoder))
+        merge_lora({"unet": model.unet, "text_encoder": model.text_encoder.tower}, adapters, scale=lora_scale)
+        model.source = f"{model.source} + LoRA {lora}"
     for module in (model.unet, model.vae, model.text_encoder):
         module.eval().requires_grad_(False)
     return model
@@ -206,21 +216,50 @@ def frozen_file_records(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, An
     return records
 
 
+def checkpoint_adapters(checkpoint: Mapping[str, Any], names: LoraNames, use_ema: bool, source: str
+                        ) -> dict[str, LoraWeights]:
+    """The adapters of a LoRA run's checkpoint (peft's keys; the U-Net's from its EMA copy with ``use_ema``)."""
+    if "ldm_lora" not in checkpoint:
+        raise ValueError(f"{source} is not a LoRA run's checkpoint (no model.lora): it holds no adapters")
+    alpha = float(checkpoint["ldm_lora"]["alpha"])
+    unet_prefix = "ema_unet.module." if use_ema else "unet."
+    renamed: dict[str, Tensor] = {}
+    for key, value in checkpoint["state_dict"].items():
+        if ".lora_" not in key:
+            continue
+        if key.startswith(unet_prefix):
+            renamed["unet." + key.removeprefix(unet_prefix)] = value
+        elif key.startswith("text_encoder.tower."):
+            renamed["text_encoder." + key.removeprefix("text_encoder.tower.")] = value
+    stems = {key.split(".lora_")[0] for key in renamed}
+    renamed.update({f"{stem}.alpha": torch.tensor(alpha) for stem in stems})
+    return adapters_from_layout(renamed, names, source=f"{source} (LoRA adapters)")
+
+
+def _merge_run_adapters(built: Mapping[str, Any], checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> None:
+    """Merge a LoRA run's adapters into the base U-Net and text tower."""
+    adapters = checkpoint_adapters(checkpoint, LoraNames(built["unet"], built["text_encoder"]), use_ema, source)
+    merge_lora({"unet": built["unet"], "text_encoder": built["text_encoder"].tower}, adapters)
+
+
 def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[str, Any], search_dirs: list,
                               options: Mapping[str, str]) -> LoadedModel:
     checkpoint = read_torch_file(path)
     config = checkpoint["ldm_model_config"]
     state = checkpoint["state_dict"]
     built = _build_all(config)
+    lora_state = {key: value for key, value in state.items() if ".lora_" in key}
+    state = {plain_key(key): value for key, value in state.items() if ".lora_" not in key}
     ema = _under(state, "ema_unet.module.")
+    has_ema = bool(ema) or any(key.startswith("ema_unet.module.") for key in lora_state)
     if use_ema is None:
-        use_ema = bool(ema)
-    if use_ema and not ema:
+        use_ema = has_ema
+    if use_ema and not has_ema:
         raise ValueError(f"{path} has no EMA weights (model.ema_decay was null); load it with use_ema off "
                          "(--no-ema, use_ema=false)")
-    _load(built["unet"], ema if use_ema else _under(state, "unet."), f"{path} (unet)")
-
     records = frozen_file_records(checkpoint)
+    if "ldm_lora" not in checkpoint:  # a LoRA run's U-Net is the pretrained file's, below
+        _load(built["unet"], ema if use_ema else _under(state, "unet."), f"{path} (unet)")
     for name, value in given.items():
         if value is not None and name not in records:
             raise ValueError(f"{options[name]}={value}: {path} holds its own {name.split('_')[0]} weights, "
@@ -231,6 +270,8 @@ def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[s
     if "pretrained" in files:
         released = read_pretrained(files["pretrained"], use_ema=bool(records["pretrained"].get("use_ema", False)))
         vae_state = vae_state or released["vae"]
+        if "ldm_lora" in checkpoint:
+            _load(built["unet"], released["unet"], f"{files['pretrained']} (unet)")
         if not text_state and records["pretrained"].get("text_encoder", True):
             load_text_tower(built["text_encoder"], released["text_encoder"], source=str(files["pretrained"]))
     if "vae_weights" in files:
@@ -239,6 +280,9 @@ def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[s
     if text_state:
         _load(built["text_encoder"], text_state, f"{path} (text encoder)")
     ema_state = None if use_ema else (ema or None)
+    if "ldm_lora" in checkpoint:
+        _merge_run_adapters(built, checkpoint, use_ema, str(path))
+        ema_state = None
     # A flow-matching or EDM run records its objective (model.objective); it decides the prediction type.
     objective = build(config["objective"]) if config.get("objective") else None
     return LoadedModel(**built, prediction_type=objective.prediction_type if objective else

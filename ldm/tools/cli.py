@@ -32,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="likewise for the released model a fine-tune started from (model.pretrained.path)")
     parser.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "sample"),
                         help="for a released SD file that does not record it (SD 2.x 768 px: v_prediction)")
+    parser.add_argument("--lora", default=None,
+                        help="a LoRA .safetensors file (diffusers or kohya layout) to merge into the model")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA update's weight (default 1)")
     parser.add_argument("--device", default="cpu")
 
 
@@ -39,7 +42,7 @@ def load_pipeline(args: argparse.Namespace) -> TextToImagePipeline:
     """The pipeline the parsed model options name."""
     return TextToImagePipeline.from_pretrained(
         args.model, device=args.device, use_ema=False if args.no_ema else None, vae_weights=args.vae_weights,
-        pretrained=args.pretrained, prediction_type=args.prediction_type)
+        pretrained=args.pretrained, prediction_type=args.prediction_type, lora=args.lora, lora_scale=args.lora_scale)
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -11,6 +11,12 @@ file (the text encoder in SD 2.x's OpenCLIP layout when it reads the penultimate
 transformers layout when it reads the last), with ldm's model config in its metadata.
 By default the U-Net is the EMA weights; with ``--no-ema`` it is the raw weights, and an SD file also
 keeps the EMA copy as ``model_ema.*``.
+
+LoRA: ``--lora FILE --merge-lora`` writes the model plus the adapter as one model (so does a LoRA run's
+checkpoint, whose adapters are merged); ``--format lora --lora-layout diffusers|kohya`` writes only the
+adapters, of a LoRA run's checkpoint or of ``--lora FILE`` (converting its layout):
+
+    python -m ldm.tools.export --model outputs/train/demo_lora/<time>/checkpoints/last.ckpt --format lora --lora-layout kohya --out cross_kohya.safetensors
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ldm.checkpoints import read_torch_file
 from ldm.interchange.build import build, constructor_arguments
+from ldm.interchange.load_model import checkpoint_adapters, load_model, source_kind
+from ldm.interchange.lora_files import LAYOUTS, LoraNames, read_lora_file, write_lora_file
 from ldm.interchange.diffusers_folder import write_diffusers_folder
 from ldm.interchange.original_file import original_checkpoint_state, write_original_checkpoint
 from ldm.pipeline import TextToImagePipeline
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 
 FORMATS = ("diffusers", "sd")
+LORA_FORMAT = "lora"
 
 
 def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str = "diffusers") -> Path:
@@ -63,12 +73,35 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m ldm.tools.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--format", choices=FORMATS, default="diffusers")
-    parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd) to write")
+    parser.add_argument("--format", choices=(*FORMATS, LORA_FORMAT), default="diffusers")
+    parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd, lora) to write")
+    parser.add_argument("--merge-lora", action="store_true", help="write the model with --lora merged in")
+    parser.add_argument("--lora-layout", choices=LAYOUTS, default="diffusers", help="the layout of --format lora")
     args = parser.parse_args(argv)
+    if args.format == LORA_FORMAT:
+        return export_lora(args)
+    if args.lora is not None and not args.merge_lora:
+        raise ValueError(f"--lora {args.lora} with --format {args.format}: add --merge-lora to write the model with "
+                         "the adapter merged in, or use --format lora to write the adapter alone")
     pipeline = load_pipeline(args)
     path = export_pipeline(pipeline, args.out, format=args.format)
     print(f"wrote {path} ({args.format}, {'raw' if args.no_ema else 'EMA'} U-Net weights)")
+    return path
+
+
+def export_lora(args: argparse.Namespace) -> Path:
+    """``--format lora``: the adapters of ``--lora`` or of a LoRA run's checkpoint, in ``--lora-layout``."""
+    model = load_model(args.model, use_ema=False if args.no_ema else None, vae_weights=args.vae_weights,
+                       pretrained=args.pretrained)
+    names = LoraNames(model.unet, model.text_encoder)
+    if args.lora is not None:
+        adapters = read_lora_file(args.lora, names)
+    else:
+        if source_kind(args.model) != "checkpoint":
+            raise ValueError(f"--format lora needs --lora FILE or a LoRA run's checkpoint; {args.model} is neither")
+        adapters = checkpoint_adapters(read_torch_file(args.model), names, use_ema=not args.no_ema, source=args.model)
+    path = write_lora_file(args.out, adapters, names, layout=args.lora_layout)
+    print(f"wrote {path} ({args.lora_layout} LoRA layout, {len(adapters)} layers)")
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -17,12 +18,15 @@ from ldm.data.latents import precomputed_context, sample_latents
 from ldm.diffusion.losses import LossOptions, debiased_weights, huber_delta, per_sample_loss, perturbed_noise
 from ldm.diffusion.objectives import offset_noise
 from ldm.diffusion.training_objectives import DiscreteDiffusion, Objective, check_objective_configuration
+from ldm.diffusion.prior_preservation import prior_preservation_weights
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.stratified import stratified_quantiles
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
+from ldm.training.lora import LoraError, LoraOptions, share_frozen_weights
+from ldm.training.lora_module import add_lora_to_module, check_lora_checkpoint, lora_pipeline_parts
 from ldm.training.lr_schedules import WarmupSchedule
 from ldm.training.skip_logging import SkipCountLogging
 
@@ -55,6 +59,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     of processes. Logged as ``val/loss_bin_{k}`` (k = 0 lowest noise) and their mean ``val/loss_stratified``;
     the per-sample loss and weighting are the training loss's (without offset noise or input perturbation). ``val_loss_subset`` < 1 keeps that share of the validation
     samples, chosen by key (so the same samples on any number of processes), to bound the cost of K passes.
+    ``lora`` (``LoraOptions`` or its fields, needs ``pretrained``): train peft LoRA adapters instead of the
+    U-Net (see ``ldm.training.lora_module``); only adapter weights are trainable, averaged and checkpointed.
+    ``prior_loss_weight``: DreamBooth's weight of the class images' loss, for batches that mark them
+    (``is_prior``, from ``ldm.data.dreambooth.DreamBoothDataModule``).
     """
 
     def __init__(
@@ -79,11 +87,19 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         val_loss_bins: int = 10,
         val_loss_seed: int = 0,
         val_loss_subset: float = 1.0,
+        lora: LoraOptions | Mapping[str, Any] | None = None,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
         check_numbers(latent_scale_factor, snr_gamma, offset_noise_strength, ema_decay)
         self.pretrained = build_options(PretrainedWeights, pretrained, "model.pretrained")
+        self.lora = build_options(LoraOptions, lora, "model.lora")
+        check_number("model.prior_loss_weight", prior_loss_weight, minimum=0.0)
+        self.prior_loss_weight = prior_loss_weight
+        if self.lora and not self.pretrained:
+            raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
+                            "or a diffusers folder, e.g. a run's model/ folder)")
         if vae_weights and not os.path.isfile(vae_weights):
             raise FileNotFoundError(
                 f"model.vae_weights={vae_weights} does not exist: train stage 1 first (for the demo: python train.py "
@@ -127,7 +143,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         for frozen in (self.vae, self.text_encoder):
             frozen.eval()
             frozen.requires_grad_(False)
+        if self.lora:
+            add_lora_to_module(self)
         self.ema_unet = EMAModel(unet, decay=ema_decay) if ema_decay else None
+        if self.lora and self.ema_unet is not None:
+            share_frozen_weights(self.ema_unet.module, unet)
         self.frozen_files = self._describe_frozen_files()
 
     def _describe_frozen_files(self) -> dict[str, dict[str, Any]]:
@@ -195,14 +215,18 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.latent_scale_factor.fill_(1.0 / float(std))
         self.print(f"latent_scale_factor measured on the first batch: {float(self.latent_scale_factor):.5f}")
 
-    @torch.no_grad()
     def encode_captions(self, captions: Sequence[str]) -> Tensor:
-        """Captions -> context (B, L, D) from the frozen text encoder."""
-        return self.text_encoder(list(captions))
+        """Captions -> context (B, L, D) from the frozen text encoder (with gradients to its LoRA adapters only
+        when ``model.lora.text_encoder`` trains them)."""
+        trains_text = bool(self.lora and self.lora.text_encoder and self.training)
+        with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
+            return self.text_encoder(list(captions))
 
-    def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None,
+                       sample_weights: Tensor | None = None) -> Tensor:
         """The objective's weighted loss (MSE by default) between the U-Net's output and its target, at noise
-        levels drawn by the objective. latents: (B, C, h, w); context: (B, L, D)."""
+        levels drawn by the objective: the mean over the batch, or with ``sample_weights`` (B,) the weighted sum.
+        latents: (B, C, h, w); context: (B, L, D)."""
         options = self.loss_options
         levels = self.objective.sample_levels(latents.shape[0], self.noise_schedule.num_train_timesteps, generator,
                                               latents.device, options.timestep_bias_range,
@@ -213,7 +237,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         else:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         input_noise = perturbed_noise(noise, options.input_perturbation, generator) if options.input_perturbation else noise
-        return self.weighted_losses(latents, context, levels, noise, input_noise).mean()
+        losses = self.weighted_losses(latents, context, levels, noise, input_noise)
+        return (losses * sample_weights).sum() if sample_weights is not None else losses.mean()
 
     def weighted_losses(self, latents: Tensor, context: Tensor, levels: Tensor, noise: Tensor,
                         input_noise: Tensor) -> Tensor:
@@ -231,7 +256,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = self.batch_latents(batch)
         context = self.batch_context(batch)
-        loss = self.diffusion_loss(latents, context)
+        sample_weights = None
+        if "is_prior" in batch:
+            sample_weights = prior_preservation_weights(batch["is_prior"], self.prior_loss_weight)
+        loss = self.diffusion_loss(latents, context, sample_weights=sample_weights)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log_skip_counts(batch)
         return loss
@@ -298,7 +326,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.log("val/loss_stratified", float(per_bin.mean()), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
+        trainable = [*self.unet.parameters(), *(self.text_encoder.parameters() if self.lora else ())]
+        optimizer = self.optimizer_factory(params=[p for p in trainable if p.requires_grad])
         config: dict[str, Any] = {"optimizer": optimizer}
         if self.lr_schedule is not None:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
@@ -312,11 +341,14 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
         unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
         ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None) else None
+        text_encoder = self.text_encoder
+        if self.lora:  # the plain model with the adapters merged in: what export and other tools expect
+            unet, text_encoder, ema_state = lora_pipeline_parts(self, use_ema)
         components = ("unet", "vae", "text_encoder", "noise_schedule")
         return TextToImagePipeline(
             unet=unet,
             vae=self.vae,
-            text_encoder=self.text_encoder,
+            text_encoder=text_encoder,
             alphas_cumprod=self.alphas_cumprod,
             latent_scale_factor=float(self.latent_scale_factor),
             prediction_type=self.prediction_type,
@@ -332,9 +364,13 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return prefixes + (["text_encoder."] if self.pretrained and self.pretrained.text_encoder else [])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefixes = tuple(self._weights_from_files())
+        # A LoRA run keeps only its adapters: the base U-Net is the model.pretrained file's.
+        prefixes = tuple(self._weights_from_files()) + (("unet.", "ema_unet.module.") if self.lora else ())
         if prefixes:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(prefixes) or (self.lora and ".lora_" in k)}
+        if self.lora:
+            checkpoint["ldm_lora"] = dataclasses.asdict(self.lora)
         checkpoint["ldm_model_config"] = self.model_config
         checkpoint["ldm_frozen_files"] = self.frozen_files
 
@@ -348,10 +384,12 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
                 raise FrozenFileError(f"{option}={current['path']} has sha256 {current['sha256']}, but the checkpoint "
                                       f"was trained with {record['path']} of sha256 {record['sha256']}")
         own = self.state_dict()
-        for prefix in self._weights_from_files():
-            for key, value in own.items():
-                if key.startswith(prefix):
-                    checkpoint["state_dict"].setdefault(key, value)
+        if self.lora or "ldm_lora" in checkpoint:
+            check_lora_checkpoint(checkpoint, own, self.lora)
+        prefixes = tuple(self._weights_from_files()) + (("unet.", "ema_unet.module.") if self.lora else ())
+        for key, value in own.items():
+            if key.startswith(prefixes):
+                checkpoint["state_dict"].setdefault(key, value)
 
 
 def sample_seed(seed: int, key: str) -> int:

@@ -9,13 +9,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.tools.export import export_pipeline
+from ldm.training.lora_module import write_run_lora
 
 
 class ExportModelAtEnd(L.Callback):
     """At the end of training, writes the module's (EMA) model to ``output_dir`` as a diffusers folder:
     safetensors weights, configs, tokenizer and scheduler, which ``TextToImagePipeline.from_pretrained``
     and diffusers' ``StableDiffusionPipeline.from_pretrained`` load with nothing else of the run.
-    A folder left by an earlier end of the same run (a resumed run ending again) is replaced."""
+    A folder left by an earlier end of the same run (a resumed run ending again) is replaced. A LoRA run
+    (``model.lora``) also writes its adapters to ``lora/`` beside it, in diffusers' and kohya's layouts."""
 
     def __init__(self, output_dir: str, use_ema: bool = True) -> None:
         self.output_dir = Path(output_dir)
@@ -30,5 +32,9 @@ class ExportModelAtEnd(L.Callback):
         if self.output_dir.exists():
             shutil.rmtree(self.output_dir)
         written.rename(self.output_dir)
+        if getattr(pl_module, "lora", None):  # a LoRA run also hands over its adapters alone, in both layouts
+            lora_dir = self.output_dir.with_name("lora")
+            for path in write_run_lora(pl_module, lora_dir, use_ema=use_ema):
+                print(f"LoRA weights written to {path}")
         print(f"Model written to {self.output_dir} (python -m ldm.tools.sample --model {self.output_dir} "
               "--prompt ...)")

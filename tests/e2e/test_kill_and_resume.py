@@ -26,8 +26,25 @@ RUN = [
 ]
 
 
-def train_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "train.py", *RUN, f"hydra.run.dir={run_dir}"]
+def train_command(run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "train.py", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def lora_run(root: Path) -> tuple[str, ...]:
+    """Overrides that make the run a LoRA fine-tune of a tiny base model written as a diffusers folder."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm.config import instantiate_module, register_resolvers
+    from ldm.tools.export import export_module
+
+    base = root / "base"
+    if not base.exists():
+        register_resolvers()
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["model.vae_weights=null", "model.latent_scale_factor=0.7"])
+        torch.manual_seed(0)
+        export_module(instantiate_module(cfg.model), base, format="diffusers")
+    return (f"+model.pretrained.path={base}", "+model.lora.rank=4", "+model.lora.dropout=0.1")
 
 
 def environment(root: Path) -> dict[str, str]:
@@ -39,15 +56,18 @@ def final_state(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant):
+    """Also for a LoRA run (adapter dropout on, so its random draws must be restored too)."""
     env = environment(tmp_path)
+    extra = lora_run(tmp_path) if variant == "lora" else ()
     uninterrupted = tmp_path / "uninterrupted"
-    result = subprocess.run(train_command(uninterrupted), cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run(train_command(uninterrupted, extra), cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(train_command(killed, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_000008.ckpt").exists():
@@ -62,7 +82,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
         if path.name.endswith(".ckpt"):
             torch.load(path, map_location="cpu", weights_only=True)
 
-    resumed = subprocess.run(train_command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(train_command(killed, extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
 
@@ -71,6 +91,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert got["ShardDataModule"]["train_batches_consumed"] == expected["ShardDataModule"]["train_batches_consumed"]
     trained = [key for key in expected["state_dict"] if key.startswith(("unet.", "ema_unet."))]
     assert trained
+    if variant == "lora":  # the checkpoint is the adapters alone
+        assert all(".lora_" in key for key in trained if key != "ema_unet.n_averaged")
     for key in trained:
         torch.testing.assert_close(got["state_dict"][key], expected["state_dict"][key], rtol=0, atol=0, msg=key)
     moments = expected["optimizer_states"][0]["state"]
