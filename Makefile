@@ -33,7 +33,7 @@ test: $(STAMP)
 # tiny sizes. It runs on the GPU machine's own Python, with what .whl/ adds (make gpu-wheels fetches those).
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
 gpu-check:
-	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run)
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 gpu-wheels:
 	$(PYTHON) benchmarks/gpu_wheels.py
