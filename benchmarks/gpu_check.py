@@ -58,7 +58,7 @@ SETTINGS = {
         "training": {"steps": 50, "batch": 64, "trainer": "gpu"},
     },
     "dry_run": {
-        "device": "cpu", "time_limit_s": 240,
+        "device": "cpu", "time_limit_s": 600,  # a shared CPU under load: generous
         "train_step": {256: ["--sizes", "tiny", "--batch", "2"]},
         "train_step_common": ["--precisions", "bf16", "--steps", "1", "--warmup", "0"],
         "memory": {"size": "tiny", "batch": 2},
