@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 # cores (measured here: 22.7 s vs 0.54 s per demo U-Net step under load); passive waiting avoids it.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test
+.PHONY: install demo test gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -28,3 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	WANDB_MODE=offline $(PYTHON) -m pytest
+
+# One prepared run of everything a GPU should prove (benchmarks/gpu_check.py); DRY_RUN=1: the same on the CPU,
+# tiny sizes. It runs on the GPU machine's own Python, with what .whl/ adds (make gpu-wheels fetches those).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),python3)
+gpu-check:
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py

@@ -42,6 +42,7 @@ from ldm.training.throughput import measured_peak_tflops, unet_training_flops  #
 SIZES = {
     "tiny": dict(preset="tiny", latent_size=8, tokens=77, batch={"cpu": 64, "cuda": 256}),  # the demo: 32 px, f=4
     "sd2-base": dict(preset="sd2", latent_size=32, tokens=77, batch={"cpu": 1, "cuda": 32}),  # 256 px, f=8
+    "sd2-base-512": dict(preset="sd2", latent_size=64, tokens=77, batch={"cpu": 1, "cuda": 8}),  # 512 px, f=8
 }
 # Dense bf16 tensor-core peaks from the data sheets, TFLOP/s, matched against torch.cuda.get_device_name().
 GPU_BF16_PEAK_TFLOPS = [("H200", 989.4), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H100 NVL", 835.0),

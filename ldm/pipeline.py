@@ -123,11 +123,11 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} prompts")
         noise = self.initial_noise(seeds, height, width)
         batch_size = batch_size or len(prompts)
+        uncond_context = self.text_encoder([negative_prompt])  # the same for every batch
         images = []
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start : start + batch_size]
             context = self.text_encoder(batch_prompts)
-            uncond_context = self.text_encoder([negative_prompt])
             denoise = classifier_free_guidance(
                 self.unet, context, uncond_context, guidance_scale, guidance_rescale=guidance_rescale
             )
