@@ -9,8 +9,8 @@ Edit the sources, never the .ipynb files: ``tests/notebooks`` checks that the tw
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -52,7 +52,13 @@ def build(name: str) -> float:
     return time.perf_counter() - started
 
 
-if __name__ == "__main__":
-    names = sys.argv[1:] or sorted(path.stem for path in SOURCES.glob("*.py"))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="notebooks to build (default: all), e.g. 05_inside_the_unet")
+    names = parser.parse_args(argv).names or sorted(path.stem for path in SOURCES.glob("*.py"))
     for name in names:
         print(f"{name}: executed in {build(name):.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
