@@ -53,7 +53,7 @@ def training_step(unet, latents, context, alphas_cumprod, generator):
 latents = module.encode_images(batch["image"])
 context = module.encode_captions(batch["caption"])
 mine = training_step(module.unet, latents, context, module.alphas_cumprod, torch.Generator().manual_seed(0))
-module.loss_weighting = "uniform"  # the demo trains with min-SNR weights (below); compare the plain MSE
+module.objective.loss_weighting = "uniform"  # the demo trains with min-SNR weights (below); compare the plain MSE
 ldm = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(0))
 print(f"these dozen lines: {mine:.6f}   LatentDiffusion.diffusion_loss: {ldm:.6f}")
 torch.testing.assert_close(mine, ldm)
@@ -111,7 +111,7 @@ plt.show()
 # runs this through Lightning with EMA, warm-up and a cosine learning rate; `tiny_model.py` does that.)
 
 # %%
-module.loss_weighting = "min_snr"
+module.objective.loss_weighting = "min_snr"
 module.unet.train()
 optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3)
 losses = []
