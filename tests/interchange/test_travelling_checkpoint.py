@@ -82,7 +82,7 @@ def test_moved_checkpoint_works_given_the_file_by_option_or_ldm_root(travelled, 
         f"paths.root_dir={tmp_path}", f"hydra.run.dir={eval_dir}", "logger=none",
         "eval/feature_extractor@feature_extractor=pooled_pixels", "data.synthetic.num_train=64",
         "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32", "eval.num_samples=4",
-        "eval.num_inference_steps=2", "eval.batch_size=4", "eval.kid_subsets=2", "eval.num_grid_images=2",
+        "eval.num_inference_steps=2", "eval.batch_size=4", "eval.kid_subsets=2", "eval.num_grid_images=2", "eval.prdc_k=2",
     ], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads((eval_dir / "results.json").read_text())["num_samples"] == 4
