@@ -10,6 +10,7 @@ model, each through train.py, then samples the base model and each fine-tune wit
 - the classifier itself on real rendered crosses (and the other shapes), so the figures can be trusted.
 
     python benchmarks/lora.py [--model outputs/train/demo/<time>/model] [--images-per-prompt 4]
+    python benchmarks/lora.py --trained lora=outputs/train/demo_lora/<time>   # measure a finished run
 
 Writes benchmarks/results/lora.json.
 """
@@ -97,7 +98,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=200_000)
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/lora.json"))
+    parser.add_argument("--trained", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help=f"measure this finished run of NAME ({', '.join(RUNS)}) instead of training it")
     args = parser.parse_args()
+    trained = dict(item.split("=", 1) for item in args.trained)
+    unknown = sorted(set(trained) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--trained {unknown}: the runs are {list(RUNS)}")
 
     base_path = Path(args.model).resolve() if args.model else newest_demo_model().resolve()
     result: dict = {"base_model": str(base_path), "classifier_on_real_scenes": classifier_on_real_scenes(),
@@ -108,8 +115,11 @@ def main() -> None:
     print("base:", json.dumps(result["base"]))
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     for name, experiment in RUNS.items():
-        run_dir = ROOT / "outputs" / "benchmarks" / "lora" / f"{stamp}-{name}"
-        seconds = train(experiment, base_path, run_dir)
+        if name in trained:
+            run_dir, seconds = Path(trained[name]).resolve(), None
+        else:
+            run_dir = ROOT / "outputs" / "benchmarks" / "lora" / f"{stamp}-{name}"
+            seconds = train(experiment, base_path, run_dir)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         tuned = TextToImagePipeline.from_pretrained(checkpoint)
         measured = measure(tuned, args.images_per_prompt, args.steps, args.seed)
@@ -120,6 +130,7 @@ def main() -> None:
                                                            - result["base"]["base_prompts"]["all"]),
             "lora_file_bytes": {path.name: path.stat().st_size for path in sorted(lora_dir.glob("*.safetensors"))},
             "checkpoint_bytes": checkpoint.stat().st_size,
+            "train_steps": torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"],
             **trainable_fraction(checkpoint, base),
         }
         print(f"{name}:", json.dumps(result[name]))
@@ -132,7 +143,8 @@ def main() -> None:
           f"{result['base']['base_prompts']['all']:>16.1%}")
     for name in RUNS:
         row = result[name]
-        print(f"{name:<18}{row['train_wall_seconds']:>9.0f}{row['cross_prompts']['shape']:>13.1%}"
+        wall = "" if row["train_wall_seconds"] is None else f"{row['train_wall_seconds']:.0f}"
+        print(f"{name:<18}{wall:>9}{row['cross_prompts']['shape']:>13.1%}"
               f"{row['base_prompts']['all']:>16.1%}{row['base_prompts_all_three_change_points']:>14.1f}")
     print(f"wrote {output}")
 
