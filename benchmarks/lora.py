@@ -1,7 +1,8 @@
 """LoRA and DreamBooth on the demo model: does it learn the cross, and does it keep what it knew?
 
-Runs ``experiment=demo_lora`` (prior preservation off) and ``experiment=demo_dreambooth`` (on) from the demo
-model, each through train.py, then samples the base model and each fine-tune with the same seeds:
+Runs ``experiment=demo_lora`` (the known shapes held by real images), ``experiment=demo_dreambooth`` (held by
+the base model's generated images) and demo_lora on the crosses alone (nothing held) from the demo model, each
+through train.py, then samples the base model and each fine-tune with the same seeds:
 
 - the cross: for each of the 18 "a <colour> cross on a <background> background" prompts, how often the
   pixel classifier reads a cross (and all three facts);
@@ -34,7 +35,12 @@ from ldm.evaluation.pixel_scene_classifier import classify_scene  # noqa: E402
 from ldm.evaluation.prompt_adherence import adherence_rates, all_demo_captions  # noqa: E402
 from ldm.pipeline import TextToImagePipeline  # noqa: E402
 
-RUNS = {"lora": "demo_lora", "dreambooth_prior": "demo_dreambooth"}
+# name: (experiment, overrides). "lora" holds the known shapes with real images, "dreambooth_prior" with the
+# base model's generated images; "lora_no_prior" is demo_lora on the crosses alone, nothing holding them.
+NO_PRIOR = ["data.synthetic.shapes=[cross]", "data.synthetic.num_train=54", "data.synthetic.samples_per_shard=54",
+            "model.optimizer.lr=1e-3", "trainer.max_steps=300", "trainer.val_check_interval=150"]
+RUNS = {"lora": ("demo_lora", []), "dreambooth_prior": ("demo_dreambooth", []),
+        "lora_no_prior": ("demo_lora", NO_PRIOR)}
 
 
 def cross_captions() -> list[str]:
@@ -66,10 +72,10 @@ def measure(pipeline: TextToImagePipeline, images_per_prompt: int, steps: int, s
     return results
 
 
-def train(experiment: str, base: Path, run_dir: Path) -> float:
-    """Run train.py for ``experiment`` into ``run_dir``; returns its wall time in seconds."""
+def train(experiment: str, overrides: list[str], base: Path, run_dir: Path) -> float:
+    """Run train.py for ``experiment`` (plus Hydra ``overrides``) into ``run_dir``; returns its wall time in s."""
     command = [sys.executable, "train.py", f"experiment={experiment}", f"model.pretrained.path={base}",
-               "logger=none", f"hydra.run.dir={run_dir}"]
+               "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
@@ -114,18 +120,18 @@ def main() -> None:
     result["base"] = measure(base, args.images_per_prompt, args.steps, args.seed)
     print("base:", json.dumps(result["base"]))
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    for name, experiment in RUNS.items():
+    for name, (experiment, overrides) in RUNS.items():
         if name in trained:
             run_dir, seconds = Path(trained[name]).resolve(), None
         else:
             run_dir = ROOT / "outputs" / "benchmarks" / "lora" / f"{stamp}-{name}"
-            seconds = train(experiment, base_path, run_dir)
+            seconds = train(experiment, overrides, base_path, run_dir)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         tuned = TextToImagePipeline.from_pretrained(checkpoint)
         measured = measure(tuned, args.images_per_prompt, args.steps, args.seed)
         lora_dir = run_dir / "lora"
         result[name] = {
-            "experiment": experiment, "train_wall_seconds": seconds, **measured,
+            "experiment": experiment, "overrides": overrides, "train_wall_seconds": seconds, **measured,
             "base_prompts_all_three_change_points": 100 * (measured["base_prompts"]["all"]
                                                            - result["base"]["base_prompts"]["all"]),
             "lora_file_bytes": {path.name: path.stat().st_size for path in sorted(lora_dir.glob("*.safetensors"))},
