@@ -1,7 +1,8 @@
 """LoRA and DreamBooth on the demo model: does it learn the cross, and does it keep what it knew?
 
-Runs ``experiment=demo_lora`` (prior preservation off) and ``experiment=demo_dreambooth`` (on) from the demo
-model, each through train.py, then samples the base model and each fine-tune with the same seeds:
+Runs ``experiment=demo_lora`` (the known shapes held by real images), ``experiment=demo_dreambooth`` (held by
+the base model's generated images) and demo_lora on the crosses alone (nothing held) from the demo model, each
+through train.py, then samples the base model and each fine-tune with the same seeds:
 
 - the cross: for each of the 18 "a <colour> cross on a <background> background" prompts, how often the
   pixel classifier reads a cross (and all three facts);
@@ -10,6 +11,7 @@ model, each through train.py, then samples the base model and each fine-tune wit
 - the classifier itself on real rendered crosses (and the other shapes), so the figures can be trusted.
 
     python benchmarks/lora.py [--model outputs/train/demo/<time>/model] [--images-per-prompt 4]
+    python benchmarks/lora.py --trained lora=outputs/train/demo_lora/<time>   # measure a finished run
 
 Writes benchmarks/results/lora.json.
 """
@@ -33,7 +35,12 @@ from ldm.evaluation.pixel_scene_classifier import classify_scene  # noqa: E402
 from ldm.evaluation.prompt_adherence import adherence_rates, all_demo_captions  # noqa: E402
 from ldm.pipeline import TextToImagePipeline  # noqa: E402
 
-RUNS = {"lora": "demo_lora", "dreambooth_prior": "demo_dreambooth"}
+# name: (experiment, overrides). "lora" holds the known shapes with real images, "dreambooth_prior" with the
+# base model's generated images; "lora_no_prior" is demo_lora on the crosses alone, nothing holding them.
+NO_PRIOR = ["data.synthetic.shapes=[cross]", "data.synthetic.num_train=54", "data.synthetic.samples_per_shard=54",
+            "model.optimizer.lr=1e-3", "trainer.max_steps=300", "trainer.val_check_interval=150"]
+RUNS = {"lora": ("demo_lora", []), "dreambooth_prior": ("demo_dreambooth", []),
+        "lora_no_prior": ("demo_lora", NO_PRIOR)}
 
 
 def cross_captions() -> list[str]:
@@ -65,10 +72,10 @@ def measure(pipeline: TextToImagePipeline, images_per_prompt: int, steps: int, s
     return results
 
 
-def train(experiment: str, base: Path, run_dir: Path) -> float:
-    """Run train.py for ``experiment`` into ``run_dir``; returns its wall time in seconds."""
+def train(experiment: str, overrides: list[str], base: Path, run_dir: Path) -> float:
+    """Run train.py for ``experiment`` (plus Hydra ``overrides``) into ``run_dir``; returns its wall time in s."""
     command = [sys.executable, "train.py", f"experiment={experiment}", f"model.pretrained.path={base}",
-               "logger=none", f"hydra.run.dir={run_dir}"]
+               "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
@@ -97,7 +104,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=200_000)
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/lora.json"))
+    parser.add_argument("--trained", action="append", default=[], metavar="NAME=RUN_DIR",
+                        help=f"measure this finished run of NAME ({', '.join(RUNS)}) instead of training it")
     args = parser.parse_args()
+    trained = dict(item.split("=", 1) for item in args.trained)
+    unknown = sorted(set(trained) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--trained {unknown}: the runs are {list(RUNS)}")
 
     base_path = Path(args.model).resolve() if args.model else newest_demo_model().resolve()
     result: dict = {"base_model": str(base_path), "classifier_on_real_scenes": classifier_on_real_scenes(),
@@ -107,19 +120,23 @@ def main() -> None:
     result["base"] = measure(base, args.images_per_prompt, args.steps, args.seed)
     print("base:", json.dumps(result["base"]))
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    for name, experiment in RUNS.items():
-        run_dir = ROOT / "outputs" / "benchmarks" / "lora" / f"{stamp}-{name}"
-        seconds = train(experiment, base_path, run_dir)
+    for name, (experiment, overrides) in RUNS.items():
+        if name in trained:
+            run_dir, seconds = Path(trained[name]).resolve(), None
+        else:
+            run_dir = ROOT / "outputs" / "benchmarks" / "lora" / f"{stamp}-{name}"
+            seconds = train(experiment, overrides, base_path, run_dir)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         tuned = TextToImagePipeline.from_pretrained(checkpoint)
         measured = measure(tuned, args.images_per_prompt, args.steps, args.seed)
         lora_dir = run_dir / "lora"
         result[name] = {
-            "experiment": experiment, "train_wall_seconds": seconds, **measured,
+            "experiment": experiment, "overrides": overrides, "train_wall_seconds": seconds, **measured,
             "base_prompts_all_three_change_points": 100 * (measured["base_prompts"]["all"]
                                                            - result["base"]["base_prompts"]["all"]),
             "lora_file_bytes": {path.name: path.stat().st_size for path in sorted(lora_dir.glob("*.safetensors"))},
             "checkpoint_bytes": checkpoint.stat().st_size,
+            "train_steps": torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"],
             **trainable_fraction(checkpoint, base),
         }
         print(f"{name}:", json.dumps(result[name]))
@@ -132,7 +149,8 @@ def main() -> None:
           f"{result['base']['base_prompts']['all']:>16.1%}")
     for name in RUNS:
         row = result[name]
-        print(f"{name:<18}{row['train_wall_seconds']:>9.0f}{row['cross_prompts']['shape']:>13.1%}"
+        wall = "" if row["train_wall_seconds"] is None else f"{row['train_wall_seconds']:.0f}"
+        print(f"{name:<18}{wall:>9}{row['cross_prompts']['shape']:>13.1%}"
               f"{row['base_prompts']['all']:>16.1%}{row['base_prompts_all_three_change_points']:>14.1f}")
     print(f"wrote {output}")
 
