@@ -13,23 +13,13 @@ from ldm.diffusion.edm import sample_edm
 from ldm.diffusion.flow_matching import flow_sampling_times, sample_flow_euler, sample_flow_heun
 from ldm.diffusion.samplers import sample_heun
 
+from .conftest import initial_noise, linear_fake_model
+
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-_coefficients = torch.Generator().manual_seed(4321)
-SLOPE = 0.5 + 0.4 * torch.rand(2, 1, 1, generator=_coefficients)
-TIME_PATTERN = 0.5 * torch.randn(2, 4, 4, generator=_coefficients)
-OFFSET = 0.3 * torch.randn(2, 4, 4, generator=_coefficients)
-
-
-def fake_model(x, t):
-    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
-    return SLOPE * x + TIME_PATTERN * (t / 1000) + OFFSET
-
-
-def initial_noise():
-    return torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+fake_model = linear_fake_model(4321)
 
 
 def run_diffusers(scheduler, noise, num_inference_steps, seed=None, every=1, init_sigma=None, **step_kwargs):

@@ -23,6 +23,8 @@ from ldm.diffusion.samplers import (
     sample_euler_ancestral,
 )
 
+from .conftest import initial_noise, linear_fake_model
+
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 calls np.array on torch tensors, which numpy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -33,20 +35,7 @@ SPACINGS = ("leading", "trailing", "linspace")
 # n for which diffusers' trailing spacing (float np.arange) returns n + 1 timesteps, the last -1.
 TRAILING_EXTRA_STEP = {n for n in range(1, 1001) if len(np.arange(1000, 0, -1000 / n)) != n}
 
-_coefficients = torch.Generator().manual_seed(1234)
-SLOPE = 0.5 + 0.4 * torch.rand(2, 1, 1, generator=_coefficients)
-TIME_PATTERN = 0.5 * torch.randn(2, 4, 4, generator=_coefficients)
-OFFSET = 0.3 * torch.randn(2, 4, 4, generator=_coefficients)
-
-
-def fake_model(x, t):
-    """A fixed linear function of x (B, 2, 4, 4) and t (a scalar from diffusers, (B,) from ldm)."""
-    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1)
-    return SLOPE * x + TIME_PATTERN * (t / 1000) + OFFSET
-
-
-def initial_noise():
-    return torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+fake_model = linear_fake_model(1234)
 
 
 def run_diffusers(scheduler, noise, num_inference_steps, seed=None, **step_kwargs):
