@@ -19,15 +19,32 @@ DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear"
 CLIP_BOS_TOKEN_ID, CLIP_EOS_TOKEN_ID = 49406, 49407
 
 
-def unet_config(args: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
+def unet_config(args: Mapping[str, Any], sample_size: int, addition_time_embed_dim: int | None = None
+                ) -> dict[str, Any]:
     """``UNet2DConditionModel`` config for a ``UNetModel`` built with ``args`` (all of them, defaults filled).
 
     ``sample_size``: the latent side length the model is trained at. diffusers' legacy
-    ``attention_head_dim`` holds the number of heads (one value, or one per level).
+    ``attention_head_dim`` holds the number of heads (one value, or one per level). A U-Net with
+    ``adm_in_channels`` (SDXL) becomes ``addition_embed_type: text_time``, whose size embeddings are
+    ``addition_time_embed_dim`` wide (the conditioner's ``size_embedding_dim``, SDXL 256).
     """
     if args["context_dim"] is None:
         raise ValueError("model.unet.context_dim=None: diffusers' UNet2DConditionModel needs cross-attention")
     mult, channels = list(args["channel_mult"]), int(args["model_channels"])
+    depth = args["transformer_depth"]
+    depth = int(depth) if isinstance(depth, int) else [int(value) for value in depth]
+    last_depth = depth if isinstance(depth, int) else depth[-1]
+    middle_depth = args.get("transformer_depth_middle")
+    if middle_depth is not None and int(middle_depth) != last_depth:
+        raise ValueError(f"model.unet.transformer_depth_middle={middle_depth}: diffusers' U-Net gives the middle block "
+                         f"the last level's depth ({last_depth}); export needs them equal")
+    addition: dict[str, Any] = {}
+    if args.get("adm_in_channels") is not None:
+        if addition_time_embed_dim is None:
+            raise ValueError("model.unet.adm_in_channels is set but the text encoder has no size embeddings: "
+                             "diffusers' text_time embedding needs a conditioner with micro-conditioning")
+        addition = {"addition_embed_type": "text_time", "addition_time_embed_dim": int(addition_time_embed_dim),
+                    "projection_class_embeddings_input_dim": int(args["adm_in_channels"])}
     attention_levels = [2**level in set(args["attention_resolutions"]) for level in range(len(mult))]
     if args["num_head_channels"] > 0:
         heads: int | list[int] = [channels * m // args["num_head_channels"] for m in mult]
@@ -43,11 +60,12 @@ def unet_config(args: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
         "only_cross_attention": False, "block_out_channels": [channels * m for m in mult],
         "layers_per_block": args["num_res_blocks"], "downsample_padding": 1, "mid_block_scale_factor": 1,
         "act_fn": "silu", "norm_num_groups": args["norm_num_groups"], "norm_eps": 1e-5,
-        "cross_attention_dim": args["context_dim"], "transformer_layers_per_block": args["transformer_depth"],
+        "cross_attention_dim": args["context_dim"], "transformer_layers_per_block": depth,
         "attention_head_dim": heads, "dual_cross_attention": False,
         "use_linear_projection": bool(args["use_linear_in_transformer"]),
         "upcast_attention": bool(args["upcast_attention"]),
         "resnet_time_scale_shift": "scale_shift" if args["use_scale_shift_norm"] else "default",
+        **addition,
     }
 
 
@@ -136,7 +154,8 @@ def clip_text_config(tower: nn.Module, num_layers: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ diffusers configs -> ldm model configs
-UNSUPPORTED_UNET_KEYS = ("addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim")
+UNSUPPORTED_UNET_KEYS = ("class_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
+                         "reverse_transformer_layers_per_block")
 
 
 def _refuse_unsupported(config: Mapping[str, Any], keys: tuple[str, ...], component: str) -> None:
@@ -167,10 +186,16 @@ def unet_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
         num_heads, num_head_channels = int(heads), -1
     depth = config.get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)):
-        if len(set(depth)) != 1:
-            raise ValueError(f"unet/config.json: transformer_layers_per_block={list(depth)} differs per level, "
-                             "which ldm's UNetModel does not support yet")
-        depth = depth[0]
+        if any(isinstance(value, (list, tuple)) for value in depth):
+            raise ValueError(f"unet/config.json: transformer_layers_per_block={list(depth)} gives depths per block; "
+                             "ldm's UNetModel takes one depth per level")
+        depth = [int(value) for value in depth]
+    else:
+        depth = int(depth)
+    addition_type = config.get("addition_embed_type")
+    if addition_type not in (None, "text_time"):
+        raise ValueError(f"unet/config.json sets addition_embed_type={addition_type!r}; ldm's U-Net has 'text_time' "
+                         "(SDXL) or none")
     return {
         "_target_": "ldm.models.unet.UNetModel",
         "in_channels": int(config["in_channels"]), "out_channels": int(config["out_channels"]),
@@ -179,7 +204,10 @@ def unet_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
                                   if kind.startswith("CrossAttn")],
         "channel_mult": [width // channels for width in widths],
         "num_heads": num_heads, "num_head_channels": num_head_channels,
-        "context_dim": int(config["cross_attention_dim"]), "transformer_depth": int(depth),
+        "context_dim": int(config["cross_attention_dim"]), "transformer_depth": depth,
+        "transformer_depth_middle": None,
+        "adm_in_channels": (int(config["projection_class_embeddings_input_dim"]) if addition_type == "text_time"
+                            else None),
         "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
         "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
         "norm_num_groups": int(config.get("norm_num_groups", 32)),

@@ -20,6 +20,8 @@ DIFFUSERS_UNET_RESNET_NAMES = {
 DIFFUSERS_UNET_FIXED_NAMES = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    # SDXL's extra vector (addition_embed_type "text_time"): the original nests it one level deeper.
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
 DIFFUSERS_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

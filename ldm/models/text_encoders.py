@@ -23,12 +23,17 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
     captions to different, learnable-from context.
 
     ``layer="penultimate"`` takes the output of the second-to-last block (Stable Diffusion 2.x),
-    ``"last"`` that of the final block (SD 1.x); both go through the final LayerNorm.
+    ``"last"`` that of the final block (SD 1.x); both go through the final LayerNorm unless
+    ``final_norm=False`` (SDXL reads both its towers' penultimate states without it).
     Captions are tokenised with open_clip's BPE tokenizer and padded to ``context_length`` tokens
     with ``pad_token_id``: 0 as OpenCLIP pads (SD 2.x), or 49407, the end token, as SD 1.x's
     CLIPTokenizer pads. The U-Net attends to the padding tokens' states too, so a pretrained model
     must be fed the padding it was trained with. ``quick_gelu``: a ``text_cfg`` tower with OpenAI CLIP's
     QuickGELU activation (SD 1.x's ViT-L/14) instead of GELU.
+
+    ``encode`` also returns the pooled, projected embedding (CLIP's text embedding: the last block's
+    normalised state at the end token, times ``text_projection``) of a tower that has a projection
+    (``pooled_dim``; SDXL adds OpenCLIP ViT-bigG/14's to the U-Net's timestep embedding).
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         seed: int = 0,
         pad_token_id: int = 0,
         quick_gelu: bool = False,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         if (model_name is None) == (text_cfg is None):
@@ -52,8 +58,10 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
             raise ValueError(f"text encoder layer={layer!r}; choose one of {LAYERS}")
         self.layer = layer
         self.pad_token_id = pad_token_id
+        self.final_norm = final_norm
         if model_name is not None:
-            clip = open_clip.create_model(model_name, pretrained=pretrained)
+            # the default device, so that a preset also builds on the meta device (parameter counts)
+            clip = open_clip.create_model(model_name, pretrained=pretrained, device=torch.get_default_device())
             del clip.visual
             self.tower = clip
             self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -65,6 +73,9 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
             self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
         self.context_length = int(self.tower.positional_embedding.shape[0])
         self.output_dim = int(self.tower.token_embedding.weight.shape[1])
+        projection = getattr(self.tower, "text_projection", None)
+        projection = projection.weight.T if isinstance(projection, nn.Linear) else projection
+        self.pooled_dim = None if projection is None else int(projection.shape[1])
         self.freeze()
 
     def freeze(self) -> None:
@@ -92,8 +103,23 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         tokens = self.tokenize(captions).to(device)
         return self.encode_tokens(tokens)
 
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Captions -> (per-token states (B, context_length, output_dim), pooled embedding (B, pooled_dim) or
+        None for a tower without a text projection)."""
+        device = self.tower.token_embedding.weight.device
+        tokens = self.tokenize(captions).to(device)
+        return self.encode_tokens_and_pool(tokens)
+
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Token ids (B, L) -> per-token states (B, L, output_dim) from the chosen layer."""
+        return self._run_blocks(tokens, pool=False)[0]
+
+    def encode_tokens_and_pool(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Token ids (B, L) -> (per-token states (B, L, output_dim), pooled embedding (B, pooled_dim) or None)."""
+        return self._run_blocks(tokens, pool=self.pooled_dim is not None)
+
+    def _run_blocks(self, tokens: Tensor, pool: bool) -> tuple[Tensor, Tensor | None]:
         tower = self.tower
         cast_dtype = tower.token_embedding.weight.dtype
         x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
@@ -103,8 +129,20 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         batch_first = getattr(tower.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        for block in blocks[:num_blocks]:
+        states = None
+        for index, block in enumerate(blocks if pool else blocks[:num_blocks]):
+            if index == num_blocks:
+                states = x
             x = block(x, attn_mask=attn_mask)
+        states = x if states is None else states
         if not batch_first:
-            x = x.transpose(0, 1)
-        return tower.ln_final(x)
+            x, states = x.transpose(0, 1), states.transpose(0, 1)
+        if self.final_norm:
+            states = tower.ln_final(states)
+        if not pool:
+            return states, None
+        # CLIP pools at the end token, the highest id (argmax finds its first occurrence also under end-token padding)
+        end = tower.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        projection = tower.text_projection
+        pooled = projection(end) if isinstance(projection, nn.Linear) else end @ projection
+        return states, pooled

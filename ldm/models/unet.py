@@ -100,11 +100,17 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """Noise-prediction U-Net of Stable Diffusion, configured by its arguments.
+    """Noise-prediction U-Net of Stable Diffusion (1.x, 2.x and SDXL), configured by its arguments.
 
     ``attention_resolutions`` are downsampling factors (1 = the latent resolution) at which a
     SpatialTransformer follows each ResBlock. Heads: ``num_heads`` per block, or, when
     ``num_head_channels`` > 0 (SD 2.x: 64), channels // num_head_channels.
+    ``transformer_depth``: blocks per SpatialTransformer, one number or one per level of
+    ``channel_mult`` (SDXL: [1, 2, 10], the first unused as level 0 has no attention);
+    ``transformer_depth_middle`` that of the middle block (default: the last level's).
+    ``adm_in_channels``: width of an extra conditioning vector ``y`` (SDXL: 2816, the pooled text
+    embedding and the size embeddings), mapped by ``label_emb`` (Linear-SiLU-Linear) and added to the
+    timestep embedding; None for none.
     Speed options: ``use_checkpoint`` recomputes each block's activations in the backward pass
     (less memory, ~30% more compute); ``channels_last`` keeps weights and activations in NHWC
     memory order, which convolutions on tensor cores prefer. Attention always runs through
@@ -122,7 +128,9 @@ class UNetModel(nn.Module):
         num_heads: int = 8,
         num_head_channels: int = -1,
         context_dim: int | None = 768,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
+        transformer_depth_middle: int | None = None,
+        adm_in_channels: int | None = None,
         use_linear_in_transformer: bool = False,
         use_scale_shift_norm: bool = False,
         dropout: float = 0.0,
@@ -138,6 +146,16 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.context_dim = context_dim
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        depths = [int(transformer_depth)] * len(channel_mult) if isinstance(transformer_depth, int) \
+            else [int(depth) for depth in transformer_depth]
+        if len(depths) != len(channel_mult) or min(depths) < 0:
+            raise ValueError(f"transformer_depth={transformer_depth}: give one number >= 0 or one per level of "
+                             f"channel_mult ({len(channel_mult)} levels)")
+        middle_depth = depths[-1] if transformer_depth_middle is None else int(transformer_depth_middle)
+        if middle_depth < 1:
+            raise ValueError(f"transformer_depth_middle={middle_depth} must be at least 1 (the middle block always "
+                             "has a transformer)")
+        self.adm_in_channels = adm_in_channels
         attention_resolutions = set(attention_resolutions)
         reachable = {2**level for level in range(len(channel_mult))}
         if not attention_resolutions <= reachable:
@@ -149,12 +167,17 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        if adm_in_channels is not None:
+            # Nested as in the original SDXL checkpoints (label_emb.0.0.*, label_emb.0.2.*).
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            ))
 
         def res_block(channels: int, out: int) -> ResBlock:
             return ResBlock(channels, time_embed_dim, out, dropout, use_scale_shift_norm, norm_num_groups,
                             use_checkpoint)
 
-        def transformer(channels: int) -> SpatialTransformer:
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
             if num_head_channels > 0:
                 if channels % num_head_channels:
                     raise ValueError(f"num_head_channels={num_head_channels} does not divide a transformer's "
@@ -165,7 +188,7 @@ class UNetModel(nn.Module):
                     raise ValueError(f"num_heads={num_heads} does not divide a transformer's {channels} channels; "
                                      f"choose a divisor of model_channels * each channel_mult or set num_head_channels")
                 heads, dim_head = num_heads, channels // num_heads
-            return SpatialTransformer(channels, heads, dim_head, transformer_depth, context_dim, dropout,
+            return SpatialTransformer(channels, heads, dim_head, depth, context_dim, dropout,
                                       use_linear_in_transformer, norm_num_groups, upcast_attention, use_checkpoint)
 
         self.input_blocks = nn.ModuleList(
@@ -178,7 +201,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [res_block(channels, model_channels * mult)]
                 channels = model_channels * mult
                 if factor in attention_resolutions:
-                    layers.append(transformer(channels))
+                    layers.append(transformer(channels, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(channels)
             if level != len(channel_mult) - 1:
@@ -187,7 +210,7 @@ class UNetModel(nn.Module):
                 factor *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            res_block(channels, channels), transformer(channels), res_block(channels, channels)
+            res_block(channels, channels), transformer(channels, middle_depth), res_block(channels, channels)
         )
 
         self.output_blocks = nn.ModuleList()
@@ -196,7 +219,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(channels + skip_channels.pop(), model_channels * mult)]
                 channels = model_channels * mult
                 if factor in attention_resolutions:
-                    layers.append(transformer(channels))
+                    layers.append(transformer(channels, depths[level]))
                 if level and index == num_res_blocks:
                     layers.append(Upsample(channels))
                     factor //= 2
@@ -211,13 +234,15 @@ class UNetModel(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
-        """x (B, in_channels, H, W), timesteps (B,) int or float, context (B, L, context_dim)
-        -> (B, out_channels, H, W). H and W must be divisible by ``downsample_factor``; a single
-        timestep (0-dim or (1,)) is used for the whole batch."""
-        self._check_inputs(x, context)
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        """x (B, in_channels, H, W), timesteps (B,) int or float, context (B, L, context_dim), y (B,
+        adm_in_channels) when the U-Net has ``adm_in_channels`` -> (B, out_channels, H, W). H and W must be
+        divisible by ``downsample_factor``; a single timestep (0-dim or (1,)) is used for the whole batch."""
+        self._check_inputs(x, context, y)
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         skips = []
         for block in self.input_blocks:
@@ -228,7 +253,7 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h)
 
-    def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
+    def _check_inputs(self, x: Tensor, context: Tensor | None, y: Tensor | None) -> None:
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
             raise ValueError(f"UNetModel input of spatial size {tuple(x.shape[-2:])} is not divisible by "
                              f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)); resize or crop the latents")
@@ -240,3 +265,8 @@ class UNetModel(nn.Module):
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"UNetModel needs context (B, L, {self.context_dim}) (context_dim={self.context_dim}), "
                              f"got {got}; pass the text encoder's output (an empty prompt's for unconditional)")
+        if (y is None) != (self.adm_in_channels is None) or (y is not None and y.shape != (x.shape[0], self.adm_in_channels)):
+            got = None if y is None else tuple(y.shape)
+            raise ValueError(f"UNetModel was built with adm_in_channels={self.adm_in_channels} but got y of shape {got}; "
+                             f"pass y (B, adm_in_channels) exactly when adm_in_channels is set (SDXL: the conditioner's "
+                             f"pooled text and size embeddings)")

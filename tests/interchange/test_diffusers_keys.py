@@ -15,10 +15,10 @@ from ldm.interchange.diffusers_keys import (
 
 def test_diffusers_conversion_names_every_key_outside_the_layout():
     weight = torch.zeros(4, 4)
-    unet = {"conv_in.weight": weight, "add_embedding.linear_1.weight": weight, "down_blocks.0.bogus.0.weight": weight}
+    unet = {"conv_in.weight": weight, "class_embedding.linear_1.weight": weight, "down_blocks.0.bogus.0.weight": weight}
     with pytest.raises(CheckpointMismatchError, match="2 key") as error:
         diffusers_unet_to_ldm(unet, layers_per_block=2)
-    assert "add_embedding.linear_1.weight" in str(error.value) and "down_blocks.0.bogus.0.weight" in str(error.value)
+    assert "class_embedding.linear_1.weight" in str(error.value) and "down_blocks.0.bogus.0.weight" in str(error.value)
     assert "conv_in.weight" not in str(error.value)
     vae = {"encoder.conv_in.weight": weight, "text_model.embeddings.weight": weight}
     with pytest.raises(CheckpointMismatchError, match="text_model.embeddings.weight"):
