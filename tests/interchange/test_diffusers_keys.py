@@ -28,7 +28,7 @@ def test_diffusers_conversion_names_every_key_outside_the_layout():
 
 def test_export_conversion_names_every_key_outside_the_original_layout():
     weight = torch.zeros(4, 4)
-    with pytest.raises(CheckpointMismatchError, match="label_emb.0.0.weight"):
-        ldm_unet_to_diffusers({"input_blocks.0.0.weight": weight, "label_emb.0.0.weight": weight}, layers_per_block=2)
+    with pytest.raises(CheckpointMismatchError, match="label_emb.1.weight"):
+        ldm_unet_to_diffusers({"input_blocks.0.0.weight": weight, "label_emb.1.weight": weight}, layers_per_block=2)
     with pytest.raises(CheckpointMismatchError, match="encoder.down.0.attn.0.q.weight"):
         ldm_vae_to_diffusers({"encoder.down.0.attn.0.q.weight": weight}, num_levels=4)
