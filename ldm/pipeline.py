@@ -18,12 +18,15 @@ from torch import Tensor, nn
 
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample
+from ldm.models.conditioner import default_sizes, vector_width
 
 
 class TextToImagePipeline:
     """Generates images for prompts with classifier-free guidance.
 
-    ``text_encoder(captions) -> (B, L, D)``; ``unet(x, t, context)``; ``vae.decode(z)``.
+    ``text_encoder(captions) -> (B, L, D)``; ``unet(x, t, context)``; ``vae.decode(z)``. An SDXL-class
+    ``text_encoder`` (``ldm.models.conditioner.TextConditioner`` with ``adm_dim`` > 0) also gives the
+    U-Net's vector y from its pooled embedding and the size fields: ``unet(x, t, context, y)``.
     Latents are divided by ``latent_scale_factor`` before decoding, as they were multiplied by it
     when the U-Net was trained. ``model_config``: the ``_target_`` configs of the components (``unet``,
     ``vae``, ``text_encoder``, ``noise_schedule``), which export needs; ``ema_state``: an EMA U-Net kept
@@ -108,11 +111,17 @@ class TextToImagePipeline:
         negative_prompt: str = "",
         guidance_rescale: float = 0.0,
         batch_size: int | None = None,
+        original_size: Sequence[int] | None = None,
+        crop_coords: Sequence[int] = (0, 0),
+        target_size: Sequence[int] | None = None,
         **sampler_kwargs,
     ) -> Tensor:
         """Images (N, 3, height, width) in [0, 1] for ``prompts``, sampled in batches of ``batch_size``.
 
-        ``sampler``: None takes the objective's default (ddim for epsilon / v / x0, flow_euler, edm_heun)."""
+        ``sampler``: None takes the objective's default (ddim for epsilon / v / x0, flow_euler, edm_heun).
+        ``original_size``, ``crop_coords``, ``target_size``: the micro-conditioning of an SDXL-class model
+        ((height, width), (top, left), (height, width); by default (height, width), (0, 0), (height, width)),
+        the same for both guidance branches; a model without it ignores them."""
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale} must be a finite number (1 turns guidance off)")
         if num_inference_steps < 1:
@@ -123,13 +132,16 @@ class TextToImagePipeline:
             raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} prompts")
         noise = self.initial_noise(seeds, height, width)
         batch_size = batch_size or len(prompts)
-        uncond_context = self.text_encoder([negative_prompt])  # the same for every batch
+        sizes = {"height": height, "width": width, "original_size": original_size, "crop_coords": crop_coords,
+                 "target_size": target_size}
+        uncond_context, uncond_vector = self.encode_prompts([negative_prompt], **sizes)  # the same for every batch
         images = []
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start : start + batch_size]
-            context = self.text_encoder(batch_prompts)
+            context, vector = self.encode_prompts(batch_prompts, **sizes)
             denoise = classifier_free_guidance(
-                self.unet, context, uncond_context, guidance_scale, guidance_rescale=guidance_rescale
+                self.unet, context, uncond_context, guidance_scale, guidance_rescale=guidance_rescale,
+                vector=vector, uncond_vector=uncond_vector,
             )
             # Stochastic samplers draw their step noise from a generator tied to the batch's first seed.
             generator = torch.Generator(self.device).manual_seed(int(seeds[start]) + 1)
@@ -146,3 +158,14 @@ class TextToImagePipeline:
             decoded = self.vae.decode(latents / self.latent_scale_factor)
             images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0))
         return torch.cat(images)
+
+    def encode_prompts(self, prompts: Sequence[str], height: int, width: int, original_size: Sequence[int] | None = None,
+                       crop_coords: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None
+                       ) -> tuple[Tensor, Tensor | None]:
+        """(context (B, L, D), the U-Net's vector y (B, adm_dim) or None for a model without one) of prompts
+        generated at height x width with the given micro-conditioning (see ``__call__``)."""
+        if not vector_width(self.text_encoder):
+            return self.text_encoder(prompts), None
+        context, pooled = self.text_encoder.encode(prompts)
+        sizes = default_sizes(height, width, len(prompts), original_size, crop_coords, target_size)
+        return context, self.text_encoder.vector(pooled, sizes)

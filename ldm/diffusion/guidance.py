@@ -27,6 +27,8 @@ def classifier_free_guidance(
     uncond_context: Tensor,
     guidance_scale: float,
     guidance_rescale: float = 0.0,
+    vector: Tensor | None = None,
+    uncond_vector: Tensor | None = None,
 ) -> Denoiser:
     """A denoiser (x, t) -> uncond + guidance_scale * (cond - uncond), rescaled when guidance_rescale > 0.
 
@@ -34,6 +36,8 @@ def classifier_free_guidance(
     is the empty/negative prompt's context, broadcast to B. Each call runs ONE forward pass over the
     batch [uncond; cond] (2B), or only the conditional B when guidance_scale == 1 (the guided output is
     then the conditional one). The combination is applied to whatever the model predicts (eps or v).
+    ``vector`` (B, V) and ``uncond_vector`` (1 or B, V): the U-Net's extra vector y of each branch (SDXL's
+    pooled text and size embeddings), passed as ``model(x, t, context, y)`` when given.
     """
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale={guidance_rescale}; it must lie in [0, 1] (0.7 in Lin et al. 2023)")
@@ -45,11 +49,17 @@ def classifier_free_guidance(
         )
     uncond_context = uncond_context.expand(batch_size, *uncond_context.shape[1:])
     both_contexts = torch.cat([uncond_context, context])
+    extra: tuple[Tensor, ...] = ()
+    if (vector is None) != (uncond_vector is None):
+        raise ValueError("give both vector and uncond_vector (the conditional and unconditional y) or neither")
+    if vector is not None:
+        both_vectors = torch.cat([uncond_vector.expand(batch_size, *uncond_vector.shape[1:]), vector])
+        extra = (both_vectors,)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         if guidance_scale == 1.0:
-            return model(x, t, context)
-        uncond, cond = model(torch.cat([x, x]), torch.cat([t, t]), both_contexts).chunk(2)
+            return model(x, t, context, *((vector,) if vector is not None else ()))
+        uncond, cond = model(torch.cat([x, x]), torch.cat([t, t]), both_contexts, *extra).chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)
         return rescale_guided(guided, cond, guidance_rescale) if guidance_rescale > 0 else guided
 

@@ -44,11 +44,32 @@ def constructor_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
+def _is_config(value: Any) -> bool:
+    return isinstance(value, Mapping) and "_target_" in value
+
+
 def build(config: Mapping[str, Any]) -> Any:
-    """Instantiate a ``_target_`` config (nested configs are not expected: model arguments are plain values)."""
-    return resolve_target(config["_target_"])(**constructor_arguments(config))
+    """Instantiate a ``_target_`` config; arguments that are ``_target_`` configs, or lists of them (the text
+    towers of a ``TextConditioner``), are built first."""
+    def built(value: Any) -> Any:
+        if _is_config(value):
+            return build(value)
+        if isinstance(value, (list, tuple)) and any(_is_config(item) for item in value):
+            return [built(item) for item in value]
+        return value
+
+    arguments = constructor_arguments(config)
+    return resolve_target(config["_target_"])(**{key: built(value) for key, value in arguments.items()})
 
 
 def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``_target_`` config with every constructor argument spelled out (defaults filled)."""
-    return {"_target_": config["_target_"], **constructor_arguments(config)}
+    """A ``_target_`` config with every constructor argument spelled out (defaults filled), nested ones too."""
+    def filled(value: Any) -> Any:
+        if _is_config(value):
+            return full_config(value)
+        if isinstance(value, (list, tuple)) and any(_is_config(item) for item in value):
+            return [filled(item) for item in value]
+        return value
+
+    return {"_target_": config["_target_"],
+            **{key: filled(value) for key, value in constructor_arguments(config).items()}}

@@ -23,19 +23,29 @@ _FIXED_NAMES = {"token_embedding.weight": "embeddings.token_embedding.weight",
                 "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 
 
-def used_text_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The OpenCLIP text-tower entries that per-token context depends on."""
-    return {key: value for key, value in state_dict.items() if key.split(".")[0] not in UNUSED_OPEN_CLIP_KEYS}
+PROJECTION_KEY = "text_projection"  # OpenCLIP's (width, output_dim) matrix; transformers' Linear holds its transpose
+HF_PROJECTION_KEY = "text_projection.weight"
 
 
-def open_clip_text_to_hf(state_dict: dict[str, Tensor], num_layers: int | None = None) -> dict[str, Tensor]:
+def used_text_keys(state_dict: dict[str, Tensor], with_projection: bool = False) -> dict[str, Tensor]:
+    """The OpenCLIP text-tower entries that per-token context depends on, and with ``with_projection`` the
+    pooled projection too (SDXL's pooled embedding needs it)."""
+    return {key: value for key, value in state_dict.items() if key.split(".")[0] not in UNUSED_OPEN_CLIP_KEYS
+            or (with_projection and key == PROJECTION_KEY)}
+
+
+def open_clip_text_to_hf(state_dict: dict[str, Tensor], num_layers: int | None = None,
+                         with_projection: bool = False) -> dict[str, Tensor]:
     """OpenCLIP text tower (``token_embedding``, ``transformer.resblocks.N``, ``ln_final``) -> ``text_model.*``.
 
     ``num_layers`` keeps only the first blocks: SD 2.x reads the penultimate block, so its diffusers
-    text encoder is the tower without its last block. Raises ``CheckpointMismatchError`` naming keys
-    outside the layout.
+    text encoder is the tower without its last block. ``with_projection``: also the pooled projection, as
+    ``CLIPTextModelWithProjection``'s ``text_projection.weight`` (SDXL's second tower). Raises
+    ``CheckpointMismatchError`` naming keys outside the layout.
     """
     converted, unplaced = {}, []
+    if with_projection:
+        converted[HF_PROJECTION_KEY] = state_dict[PROJECTION_KEY].T.contiguous()
     for key, tensor in used_text_keys(state_dict).items():
         if key in _FIXED_NAMES:
             converted[HF_PREFIX + _FIXED_NAMES[key]] = tensor
@@ -64,8 +74,9 @@ def open_clip_text_to_hf(state_dict: dict[str, Tensor], num_layers: int | None =
 def hf_text_to_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """transformers' ``CLIPTextModel`` state dict (with or without ``text_model.``) -> OpenCLIP text-tower keys.
 
-    Ignores ``position_ids`` and a projection head; raises ``CheckpointMismatchError`` naming other
-    keys outside the layout or a layer that lacks one of q, k, v.
+    Ignores ``position_ids``; a ``CLIPTextModelWithProjection``'s projection becomes OpenCLIP's
+    ``text_projection``. Raises ``CheckpointMismatchError`` naming other keys outside the layout or a layer
+    that lacks one of q, k, v.
     """
     fixed = {value: key for key, value in _FIXED_NAMES.items()}
     block_names = {value: key for key, value in _BLOCK_NAMES.items()}
@@ -73,8 +84,11 @@ def hf_text_to_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
     unplaced = []
     for key, tensor in state_dict.items():
+        if key == HF_PROJECTION_KEY:
+            converted[PROJECTION_KEY] = tensor.T.contiguous()
+            continue
         key = key.removeprefix(HF_PREFIX)
-        if key.endswith("position_ids") or key.startswith("text_projection"):
+        if key.endswith("position_ids"):
             continue
         if key in fixed:
             converted[fixed[key]] = tensor

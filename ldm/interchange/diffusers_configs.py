@@ -130,9 +130,10 @@ def scheduler_config(
     }
 
 
-def clip_text_config(tower: nn.Module, num_layers: int) -> dict[str, Any]:
+def clip_text_config(tower: nn.Module, num_layers: int, with_projection: bool = False) -> dict[str, Any]:
     """transformers ``CLIPTextConfig`` for an OpenCLIP text tower (a ``CLIP`` or ``TextTransformer``),
-    keeping its first ``num_layers`` blocks."""
+    keeping its first ``num_layers`` blocks; ``with_projection``: a ``CLIPTextModelWithProjection``
+    (SDXL's second tower), whose ``projection_dim`` is the tower's pooled width."""
     import open_clip  # deferred: the rest of this module needs only the model arguments
 
     transformer = tower.transformer
@@ -140,15 +141,17 @@ def clip_text_config(tower: nn.Module, num_layers: int) -> dict[str, Any]:
     if not isinstance(block.ls_1, nn.Identity):
         raise ValueError("the text tower uses layer scale (ls_init_value), which CLIPTextModel does not have")
     activation = block.mlp.gelu
+    projection_dim = int(tower.text_projection.shape[1]) if with_projection else int(transformer.width)
     return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+        "model_type": "clip_text_model",
         "vocab_size": int(tower.token_embedding.num_embeddings), "hidden_size": int(transformer.width),
         "intermediate_size": int(block.mlp.c_fc.out_features), "num_hidden_layers": num_layers,
         "num_attention_heads": int(block.attn.num_heads),
         "max_position_embeddings": int(tower.positional_embedding.shape[0]),
         "hidden_act": "quick_gelu" if isinstance(activation, open_clip.transformer.QuickGELU) else "gelu",
         "layer_norm_eps": float(block.ln_1.eps), "attention_dropout": 0.0, "dropout": 0.0,
-        "projection_dim": int(transformer.width), "bos_token_id": CLIP_BOS_TOKEN_ID,
+        "projection_dim": projection_dim, "bos_token_id": CLIP_BOS_TOKEN_ID,
         "eos_token_id": CLIP_EOS_TOKEN_ID, "pad_token_id": 0, "torch_dtype": "float32",
     }
 
@@ -230,10 +233,14 @@ def vae_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int) -> dict[str, Any]:
+def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int, sdxl: bool = False) -> dict[str, Any]:
     """ldm ``FrozenOpenCLIPTextEncoder`` config from a transformers ``CLIPTextConfig`` (inverse of
-    ``clip_text_config``): a tower of the folder's blocks, read at its last layer, padded as its tokenizer pads."""
+    ``clip_text_config``): a tower of the folder's blocks, read at its last layer, padded as its tokenizer pads;
+    ``sdxl``: read at the penultimate layer without the final LayerNorm, as diffusers' SDXL pipeline reads its
+    towers (``hidden_states[-2]``), with the projection of a ``CLIPTextModelWithProjection``."""
     width = int(config["hidden_size"])
+    with_projection = "CLIPTextModelWithProjection" in config.get("architectures", [])
+    output_dim = int(config["projection_dim"]) if with_projection else width
     if config.get("hidden_act", "quick_gelu") not in ("gelu", "quick_gelu"):
         raise ValueError(f"text_encoder/config.json: hidden_act={config['hidden_act']!r}; ldm's OpenCLIP text tower "
                          "has gelu or quick_gelu")
@@ -242,11 +249,29 @@ def text_encoder_model_config(config: Mapping[str, Any], pad_token_id: int) -> d
         "text_cfg": {
             "context_length": int(config["max_position_embeddings"]), "vocab_size": int(config["vocab_size"]),
             "width": width, "heads": int(config["num_attention_heads"]), "layers": int(config["num_hidden_layers"]),
-            "mlp_ratio": int(config["intermediate_size"]) / width, "output_dim": width,
+            "mlp_ratio": int(config["intermediate_size"]) / width, "output_dim": output_dim,
         },
-        "layer": "last", "pad_token_id": int(pad_token_id),
-        "quick_gelu": config.get("hidden_act", "quick_gelu") == "quick_gelu",
+        "layer": "penultimate" if sdxl else "last", "pad_token_id": int(pad_token_id),
+        "quick_gelu": config.get("hidden_act", "quick_gelu") == "quick_gelu", "final_norm": not sdxl,
     }
+
+
+def sdxl_conditioner_model_config(towers: list[dict[str, Any]], unet: Mapping[str, Any],
+                                  zero_empty_prompt: bool = True) -> dict[str, Any]:
+    """ldm ``TextConditioner`` config of a diffusers SDXL folder: its two towers' configs (from
+    ``text_encoder_model_config(..., sdxl=True)``), the second's pooled embedding, and the U-Net's
+    text_time size embeddings (``addition_time_embed_dim`` per value, for original_size, crop_coords, target_size);
+    ``zero_empty_prompt``: the folder's ``force_zeros_for_empty_prompt``."""
+    time_dim = int(unet.get("addition_time_embed_dim") or 256)
+    pooled_dim = int(towers[1]["text_cfg"]["output_dim"])
+    expected = pooled_dim + 6 * time_dim
+    if int(unet["projection_class_embeddings_input_dim"]) != expected:
+        raise ValueError(f"unet/config.json: projection_class_embeddings_input_dim="
+                         f"{unet['projection_class_embeddings_input_dim']} is not text_encoder_2's projection "
+                         f"({pooled_dim}) + 6 x addition_time_embed_dim ({time_dim}) = {expected}")
+    return {"_target_": "ldm.models.conditioner.TextConditioner", "text_encoders": towers, "pooled_encoder": 1,
+            "size_conditions": ["original_size", "crop_coords", "target_size"], "size_embedding_dim": time_dim,
+            "zero_empty_prompt": bool(zero_empty_prompt)}
 
 
 def objective_of_scheduler(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

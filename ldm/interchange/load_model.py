@@ -24,6 +24,7 @@ from ldm.interchange.build import build, full_config
 from ldm.interchange.diffusers_configs import (
     noise_schedule_config,
     objective_of_scheduler,
+    sdxl_conditioner_model_config,
     text_encoder_model_config,
     unet_model_config,
     vae_model_config,
@@ -32,6 +33,7 @@ from ldm.interchange.diffusers_folder import read_diffusers_folder
 from ldm.interchange.frozen_files import default_search_dirs, resolve_frozen_file
 from ldm.interchange.lora_files import LoraNames, LoraWeights, adapters_from_layout, merge_lora, plain_key, read_lora_file
 from ldm.interchange.original_configs import (
+    sdxl_conditioner_config_from_weights,
     text_encoder_config_from_weights,
     unet_config_from_weights,
     vae_config_from_weights,
@@ -41,6 +43,7 @@ from ldm.interchange.pretrained import load_text_tower, read_pretrained
 
 COMPONENTS = ("unet", "vae", "text_encoder", "noise_schedule")
 SD_LATENT_SCALE_FACTOR = 0.18215
+SDXL_LATENT_SCALE_FACTOR = 0.13025  # generative-models' sd_xl_base.yaml scale_factor
 SD_NOISE_SCHEDULE = {"_target_": "ldm.diffusion.schedules.NoiseSchedule", "schedule": "scaled_linear",
                      "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
 # The options that supply a frozen file, by the name a checkpoint records it under.
@@ -139,20 +142,34 @@ def _build_all(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     return {name: build(configs[name]) for name in COMPONENTS}
 
 
+def vocab_and_pad_token(tokenizer: Path) -> str:
+    """The pad token a CLIPTokenizer folder names (its ``special_tokens_map.json``; the end token if unnamed)."""
+    pad_token = json.loads((tokenizer / "special_tokens_map.json").read_text()).get("pad_token", "<|endoftext|>")
+    return pad_token["content"] if isinstance(pad_token, dict) else pad_token
+
+
+def _pad_token_id(tokenizer: Path) -> int:
+    """The id of a CLIPTokenizer folder's pad token."""
+    return int(json.loads((tokenizer / "vocab.json").read_text())[vocab_and_pad_token(tokenizer)])
+
+
 def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
     """A diffusers folder holds one U-Net, used whatever ``use_ema`` says."""
     read_json = lambda name: json.loads((path / name).read_text())  # noqa: E731
     scheduler = read_json("scheduler/scheduler_config.json")
-    tokenizer = path / "tokenizer"
-    vocab = json.loads((tokenizer / "vocab.json").read_text())
-    pad_token = read_json("tokenizer/special_tokens_map.json").get("pad_token", "<|endoftext|>")
-    pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
     configs = {
         "unet": unet_model_config(read_json("unet/config.json")),
         "vae": vae_model_config(read_json("vae/config.json")),
-        "text_encoder": text_encoder_model_config(read_json("text_encoder/config.json"), vocab[pad_token]),
+        "text_encoder": text_encoder_model_config(read_json("text_encoder/config.json"), _pad_token_id(path / "tokenizer")),
         "noise_schedule": noise_schedule_config(scheduler),
     }
+    if (path / "text_encoder_2").is_dir():  # SDXL: two towers read at hidden_states[-2], the second pooled
+        towers = [text_encoder_model_config(read_json(f"text_encoder{suffix}/config.json"),
+                                            _pad_token_id(path / f"tokenizer{suffix}"), sdxl=True)
+                  for suffix in ("", "_2")]
+        configs["text_encoder"] = sdxl_conditioner_model_config(
+            towers, read_json("unet/config.json"),
+            zero_empty_prompt=read_json("model_index.json").get("force_zeros_for_empty_prompt", True))
     parts = read_diffusers_folder(path)
     built = _build_all(configs)
     _load(built["unet"], parts["unet"], f"{path}/unet")
@@ -178,15 +195,20 @@ def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str
         configs = {name: recorded[name] for name in COMPONENTS}
     else:
         sd1_layout = any(key.startswith(HF_TEXT_PREFIX) for key in state)
-        configs = {"unet": unet_config_from_weights(parts["unet"]), "vae": vae_config_from_weights(parts["vae"]),
-                   "text_encoder": text_encoder_config_from_weights(parts["text_encoder"], sd1_layout),
+        unet_config = unet_config_from_weights(parts["unet"])
+        if isinstance(parts["text_encoder"], list):  # SDXL's two towers
+            text_config = sdxl_conditioner_config_from_weights(parts["text_encoder"], unet_config["adm_in_channels"] or 0)
+        else:
+            text_config = text_encoder_config_from_weights(parts["text_encoder"], sd1_layout)
+        configs = {"unet": unet_config, "vae": vae_config_from_weights(parts["vae"]), "text_encoder": text_config,
                    "noise_schedule": SD_NOISE_SCHEDULE}
     configs = {name: {**configs[name], **overrides.get(name, {})} for name in COMPONENTS}
     built = _build_all(configs)
     _load(built["unet"], parts["unet"], f"{path} (unet)")
     _load(built["vae"], parts["vae"], f"{path} (vae)")
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path} (text encoder)")
-    scale = float(metadata.get("latent_scale_factor", SD_LATENT_SCALE_FACTOR))
+    default_scale = SDXL_LATENT_SCALE_FACTOR if isinstance(parts["text_encoder"], list) else SD_LATENT_SCALE_FACTOR
+    scale = float(metadata.get("latent_scale_factor", default_scale))
     prediction_type = metadata.get("prediction_type", recorded.get("prediction_type", "epsilon") if recorded else "epsilon")
     ema_state = parts.get("ema_unet") if use_ema is False else None
     sampler_options = json.loads(metadata["ldm_sampler_options"]) if "ldm_sampler_options" in metadata else {}

@@ -35,18 +35,24 @@ def unet_config_from_weights(unet: dict[str, Tensor]) -> dict[str, Any]:
     if not attention:
         raise ValueError("the U-Net has no transformer blocks: not a text-conditioned SD U-Net")
     block = first_block[[2**level for level in range(levels)].index(attention[0])]
-    prefix = f"input_blocks.{block}.1."
+    prefix = f"input_blocks.{block}.1."  # the first transformer: context width, projections
     context_dim = int(unet[prefix + "transformer_blocks.0.attn2.to_k.weight"].shape[1])
     width = int(unet[prefix + "norm.weight"].shape[0])
     emb_out = int(unet[f"input_blocks.{first_block[0]}.0.emb_layers.1.weight"].shape[0])
     sd1_heads = context_dim == SD1_CONTEXT_DIM
+    # per level, the depth of its first transformer (SDXL: [1, 2, 10]; 1 where a level has none, as SDXL writes)
+    depths = [_count(unet, rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\.") or 1 for block in first_block]
+    middle_depth = _count(unet, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+    adm = unet.get("label_emb.0.0.weight")
     return {
         "_target_": "ldm.models.unet.UNetModel",
         "in_channels": int(unet["input_blocks.0.0.weight"].shape[1]), "out_channels": int(unet["out.2.weight"].shape[0]),
         "model_channels": channels, "num_res_blocks": num_res_blocks, "attention_resolutions": attention,
         "channel_mult": mult, "num_heads": SD1_NUM_HEADS if sd1_heads else -1,
         "num_head_channels": -1 if sd1_heads else SD_HEAD_CHANNELS, "context_dim": context_dim,
-        "transformer_depth": _count(unet, re.escape(prefix) + r"transformer_blocks\.(\d+)\."),
+        "transformer_depth": depths[0] if len(set(depths)) == 1 else depths,
+        "transformer_depth_middle": None if middle_depth == depths[-1] else middle_depth,
+        "adm_in_channels": None if adm is None else int(adm.shape[1]),
         "use_linear_in_transformer": unet[prefix + "proj_in.weight"].ndim == 2,
         "use_scale_shift_norm": emb_out == 2 * channels * mult[0],
         "norm_num_groups": 32 if width % 32 == 0 else 1,
@@ -66,6 +72,27 @@ def vae_config_from_weights(vae: dict[str, Tensor], resolution: int = 256) -> di
         "attn_resolutions": [], "resolution": resolution, "dropout": 0.0, "double_z": True,
         "norm_num_groups": 32 if ch % 32 == 0 else 1, "mid_attention": "encoder.mid.attn_1.q.weight" in vae,
     }
+
+
+def sdxl_conditioner_config_from_weights(towers: list[dict[str, Tensor]], adm_in_channels: int) -> dict[str, Any]:
+    """``TextConditioner`` config of SDXL's two text towers (OpenCLIP keys; the second with its projection):
+    penultimate states without the final LayerNorm, CLIP-L padded with the end token and GELU/QuickGELU as
+    released (OpenAI's CLIP-L: QuickGELU), the second tower's pooled embedding, and the three size conditions
+    whose width fills the U-Net's ``adm_in_channels``."""
+    configs = []
+    for index, text in enumerate(towers):
+        config = text_encoder_config_from_weights(text, sd1_layout=index == 0)
+        if index == 1:
+            config["text_cfg"]["output_dim"] = int(text["text_projection"].shape[1])
+        configs.append({**config, "layer": "penultimate", "final_norm": False})
+    pooled_dim = configs[1]["text_cfg"]["output_dim"]
+    size_dim, remainder = divmod(adm_in_channels - pooled_dim, 6)
+    if remainder or size_dim < 2:
+        raise ValueError(f"the U-Net's adm_in_channels={adm_in_channels} is not the pooled embedding ({pooled_dim}) "
+                         "plus six size embeddings: not an SDXL base U-Net")
+    return {"_target_": "ldm.models.conditioner.TextConditioner", "text_encoders": configs, "pooled_encoder": 1,
+            "size_conditions": ["original_size", "crop_coords", "target_size"], "size_embedding_dim": size_dim,
+            "zero_empty_prompt": True}
 
 
 def text_encoder_config_from_weights(text: dict[str, Tensor], sd1_layout: bool) -> dict[str, Any]:

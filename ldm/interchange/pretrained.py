@@ -34,16 +34,30 @@ def read_pretrained(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
     return read_original_checkpoint(path, use_ema=use_ema)
 
 
-def load_text_tower(text_encoder: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    """Load OpenCLIP text-tower weights into a ``FrozenOpenCLIPTextEncoder``'s tower.
+def load_text_tower(text_encoder: nn.Module, state_dict: dict[str, Tensor] | list[dict[str, Tensor]], source: str,
+                    pooled: bool = False) -> None:
+    """Load OpenCLIP text-tower weights into a ``FrozenOpenCLIPTextEncoder``'s tower, or a list of them into
+    the towers of a ``TextConditioner`` (SDXL).
 
     Required are the blocks the context passes through (SD 2.x's diffusers text encoder lacks the
     last block, which the penultimate layer never uses); the last block is loaded when present, so
-    a round trip keeps it. The pooled projection is not needed.
+    a round trip keeps it. The pooled projection is needed only where the pooled embedding is used
+    (``pooled``: the conditioner's ``pooled_encoder``), with every block and the final LayerNorm.
     """
-    used_blocks = text_encoder_layers(text_encoder)
-    tower = used_text_keys(text_encoder.tower.state_dict())
-    given = used_text_keys(state_dict)
+    towers = getattr(text_encoder, "text_encoders", None)
+    if towers is not None or isinstance(state_dict, list):
+        given_towers = state_dict if isinstance(state_dict, list) else [state_dict]
+        if towers is None or len(towers) != len(given_towers):
+            raise CheckpointMismatchError(
+                f"{source} holds {len(given_towers)} text tower(s) but model.text_encoder has "
+                f"{'one' if towers is None else len(towers)}; choose the text encoder of its kind (SDXL: "
+                "model/text_encoder=sdxl)")
+        for index, (tower, tower_state) in enumerate(zip(towers, given_towers)):
+            load_text_tower(tower, tower_state, f"{source} tower {index}", pooled=index == text_encoder.pooled_encoder)
+        return
+    used_blocks = text_encoder_layers(text_encoder, pooled=pooled)
+    tower = used_text_keys(text_encoder.tower.state_dict(), with_projection=pooled)
+    given = used_text_keys(state_dict, with_projection=pooled)
     required = {key for key in tower
                 if not key.startswith("transformer.resblocks.") or int(key.split(".")[2]) < used_blocks}
     expected = {key: value for key, value in tower.items() if key in required or key in given}

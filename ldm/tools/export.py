@@ -8,7 +8,8 @@ converts between the two layouts). ``--format diffusers`` writes a folder that
 ``StableDiffusionPipeline.from_pretrained`` loads (U-Net, VAE, CLIP text encoder and tokenizer, a DDIM
 scheduler with the run's noise schedule). ``--format sd`` writes one original-layout ``.safetensors``
 file (the text encoder in SD 2.x's OpenCLIP layout when it reads the penultimate layer, SD 1.x's
-transformers layout when it reads the last), with ldm's model config in its metadata.
+transformers layout when it reads the last; an SDXL-class model's two towers as SDXL keeps them), with
+ldm's model config in its metadata. An SDXL-class model's folder is a ``StableDiffusionXLPipeline``'s.
 By default the U-Net is the EMA weights; with ``--no-ema`` it is the raw weights, and an SD file also
 keeps the EMA copy as ``model_ema.*``.
 
@@ -29,8 +30,9 @@ from ldm.checkpoints import read_torch_file
 from ldm.interchange.build import build, constructor_arguments
 from ldm.interchange.load_model import checkpoint_adapters, load_model, source_kind
 from ldm.interchange.lora_files import LAYOUTS, LoraNames, read_lora_file, write_lora_file
-from ldm.interchange.diffusers_folder import write_diffusers_folder
+from ldm.interchange.diffusers_folder import check_sdxl_conditioner, write_diffusers_folder
 from ldm.interchange.original_file import original_checkpoint_state, write_original_checkpoint
+from ldm.models.conditioner import TextConditioner
 from ldm.pipeline import TextToImagePipeline
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 
@@ -52,9 +54,14 @@ def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str 
             out, unet_state, constructor_arguments(config["unet"]), vae_state, constructor_arguments(config["vae"]),
             text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor,
             pipeline.sampler_options)
-    text_layout = "open_clip" if text_encoder.layer == "penultimate" else "hf"
-    state = original_checkpoint_state(unet_state, vae_state, text_encoder.tower.state_dict(),
-                                      text_layout=text_layout, ema_state=pipeline.ema_state)
+    if isinstance(text_encoder, TextConditioner):  # SDXL's conditioner.embedders.{0,1}
+        check_sdxl_conditioner(text_encoder)
+        text_state: Any = [tower.tower.state_dict() for tower in text_encoder.text_encoders]
+        text_layout = "sdxl"
+    else:
+        text_state, text_layout = text_encoder.tower.state_dict(), "open_clip" if text_encoder.layer == "penultimate" else "hf"
+    state = original_checkpoint_state(unet_state, vae_state, text_state, text_layout=text_layout,
+                                      ema_state=pipeline.ema_state)
     metadata = {"latent_scale_factor": pipeline.latent_scale_factor, "prediction_type": pipeline.prediction_type,
                 "ldm_model_config": config}
     if pipeline.sampler_options:  # a flow / EDM model's sampler settings (shift, sigmas), read back by load_model

@@ -23,6 +23,7 @@ from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.stratified import stratified_quantiles
 from ldm.interchange.frozen_files import FrozenFileError, describe_file
 from ldm.interchange.pretrained import PretrainedWeights, load_pretrained
+from ldm.models.conditioner import vector_width
 from ldm.pipeline import TextToImagePipeline
 from ldm.training.ema import EMAModel
 from ldm.training.lora import LoraError, LoraOptions, share_frozen_weights
@@ -63,6 +64,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     U-Net (see ``ldm.training.lora_module``); only adapter weights are trainable, averaged and checkpointed.
     ``prior_loss_weight``: DreamBooth's weight of the class images' loss, for batches that mark them
     (``is_prior``, from ``ldm.data.dreambooth.DreamBoothDataModule``).
+    SDXL-class models: a ``text_encoder`` that is a ``TextConditioner`` with micro-conditioning gives the
+    U-Net its vector y from the pooled text embedding and the batch's size fields (``original_size``,
+    ``crop_coords``, ``target_size``, each (B, 2)); ``size_condition_dropout`` maps each size condition to
+    the probability that a training sample has its embedding zeroed (guidance dropout, like captions).
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         val_loss_subset: float = 1.0,
         lora: LoraOptions | Mapping[str, Any] | None = None,
         prior_loss_weight: float = 1.0,
+        size_condition_dropout: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
@@ -97,6 +103,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self.lora = build_options(LoraOptions, lora, "model.lora")
         check_number("model.prior_loss_weight", prior_loss_weight, minimum=0.0)
         self.prior_loss_weight = prior_loss_weight
+        self.size_condition_dropout = check_size_condition_dropout(size_condition_dropout, text_encoder)
         if self.lora and not self.pretrained:
             raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
                             "or a diffusers folder, e.g. a run's model/ folder)")
@@ -168,9 +175,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the data's image size against the VAE and U-Net before the first step."""
-        resolution = getattr(self.trainer.datamodule, "resolution", None) if self.trainer is not None else None
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        resolution = getattr(datamodule, "resolution", None)
         if resolution is not None:
             check_resolution(resolution, self.vae, self.unet)
+        check_size_fields(self.text_encoder, datamodule)
 
     # ----------------------------------------------------------------------------------- training
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -208,6 +217,36 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             return precomputed_context(batch["text_states"], batch["caption"], self.encode_captions)
         return self.encode_captions(batch["caption"])
 
+    def batch_conditioning(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """(context (B, L, D), the U-Net's vector y (B, adm_dim) or None): for an SDXL-class conditioner, y is
+        the pooled embedding (precomputed ``text_pooled`` or encoded) and the batch's size fields, each
+        condition dropped with its ``size_condition_dropout`` probability in training."""
+        if not vector_width(self.text_encoder):
+            return self.batch_context(batch), None
+        conditioner = self.text_encoder
+        missing = [name for name in conditioner.size_conditions if name not in batch]
+        if missing:
+            raise KeyError(f"model.text_encoder.size_conditions={list(conditioner.size_conditions)} but the batches "
+                           f"lack {missing}: micro-conditioning needs bucketed data (data.buckets) whose batches "
+                           f"carry them, or size_conditions=[]")
+        if "text_states" in batch:
+            context = precomputed_context(batch["text_states"], batch["caption"], self.encode_captions)
+            pooled = None
+            if conditioner.pooled_dim:
+                if "text_pooled" not in batch:
+                    raise KeyError("the precomputed latents have text states but no pooled embedding (text_pooled): "
+                                   "precompute them again with this model.text_encoder")
+                pooled = precomputed_context(batch["text_pooled"], batch["caption"],
+                                             lambda captions: conditioner.encode(captions)[1])
+        else:
+            context, pooled = conditioner.encode(batch["caption"])
+        keep = None
+        if self.training and self.size_condition_dropout:
+            size = context.shape[0]
+            keep = {name: torch.rand(size, device=context.device) >= self.size_condition_dropout.get(name, 0.0)
+                    for name in conditioner.size_conditions}
+        return context, conditioner.vector(pooled, batch, keep)
+
     def _measure_latent_scale_factor(self, latents: Tensor) -> None:
         """Set the scale factor to 1/std of these latents, averaged over ranks so all agree."""
         std = latents.float().std()
@@ -223,10 +262,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
             return self.text_encoder(list(captions))
 
     def diffusion_loss(self, latents: Tensor, context: Tensor, generator: torch.Generator | None = None,
-                       sample_weights: Tensor | None = None) -> Tensor:
+                       sample_weights: Tensor | None = None, vector: Tensor | None = None) -> Tensor:
         """The objective's weighted loss (MSE by default) between the U-Net's output and its target, at noise
         levels drawn by the objective: the mean over the batch, or with ``sample_weights`` (B,) the weighted sum.
-        latents: (B, C, h, w); context: (B, L, D)."""
+        latents: (B, C, h, w); context: (B, L, D); vector: the U-Net's y (B, adm_dim) of an SDXL-class model."""
         options = self.loss_options
         levels = self.objective.sample_levels(latents.shape[0], self.noise_schedule.num_train_timesteps, generator,
                                               latents.device, options.timestep_bias_range,
@@ -237,15 +276,16 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         else:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         input_noise = perturbed_noise(noise, options.input_perturbation, generator) if options.input_perturbation else noise
-        losses = self.weighted_losses(latents, context, levels, noise, input_noise)
+        losses = self.weighted_losses(latents, context, levels, noise, input_noise, vector)
         return (losses * sample_weights).sum() if sample_weights is not None else losses.mean()
 
     def weighted_losses(self, latents: Tensor, context: Tensor, levels: Tensor, noise: Tensor,
-                        input_noise: Tensor) -> Tensor:
+                        input_noise: Tensor, vector: Tensor | None = None) -> Tensor:
         """Per-sample weighted losses (B,) at the objective's noise ``levels`` (B,); noise, input_noise like latents."""
         options = self.loss_options
         batch = self.objective.noised_batch(latents, noise, input_noise, levels, self.alphas_cumprod)
-        prediction = self.unet(batch.model_input, batch.timesteps, context)
+        vector_argument = () if vector is None else (vector,)
+        prediction = self.unet(batch.model_input, batch.timesteps, context, *vector_argument)
         delta = None
         if options.loss_type != "mse":
             delta = huber_delta(options.huber_schedule, options.huber_delta, batch.snr, batch.noise_fraction)
@@ -255,11 +295,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents = self.batch_latents(batch)
-        context = self.batch_context(batch)
+        context, vector = self.batch_conditioning(batch)
         sample_weights = None
         if "is_prior" in batch:
             sample_weights = prior_preservation_weights(batch["is_prior"], self.prior_loss_weight)
-        loss = self.diffusion_loss(latents, context, sample_weights=sample_weights)
+        loss = self.diffusion_loss(latents, context, sample_weights=sample_weights, vector=vector)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         self.log_skip_counts(batch)
         return loss
@@ -275,11 +315,11 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         """Loss at timesteps and noise fixed by the batch index, so values compare across validations."""
         generator = torch.Generator(self.device).manual_seed(10_000 + batch_idx)
         latents = self.batch_latents(batch)
-        context = self.batch_context(batch)
-        loss = self.diffusion_loss(latents, context, generator=generator)
+        context, vector = self.batch_conditioning(batch)
+        loss = self.diffusion_loss(latents, context, generator=generator, vector=vector)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=latents.shape[0])
         if self.val_loss_bins:
-            self._accumulate_stratified_loss(batch, batch_idx, context)
+            self._accumulate_stratified_loss(batch, batch_idx, context, vector)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -287,7 +327,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         self._val_bin_counts = torch.zeros(self.val_loss_bins, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
-    def _accumulate_stratified_loss(self, batch: dict[str, Any], batch_idx: int, context: Tensor) -> None:
+    def _accumulate_stratified_loss(self, batch: dict[str, Any], batch_idx: int, context: Tensor,
+                                    vector: Tensor | None = None) -> None:
         """Add this batch's per-sample losses at one timestep of each bin to the running per-bin sums."""
         size = len(batch["caption"])
         keys = batch.get("key") or [f"batch{batch_idx}-{i}" for i in range(size)]
@@ -300,6 +341,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         else:
             latents = self.scale_latents(self.vae.encode(batch["image"][kept]).mode())
         context = context[kept]
+        vector = None if vector is None else vector[kept]
         generators = [torch.Generator().manual_seed(seeds[i]) for i in kept]
         num_timesteps = self.noise_schedule.num_train_timesteps
         # (B, K) quantiles and (B, K, C, h, w) noise, drawn on the CPU so every device sees the same numbers.
@@ -308,7 +350,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         noise = noise.to(self.device, latents.dtype)
         for k in range(self.val_loss_bins):
             levels = self.objective.levels_from_quantiles(u[:, k], num_timesteps)
-            losses = self.weighted_losses(latents, context, levels, noise[:, k], noise[:, k])
+            losses = self.weighted_losses(latents, context, levels, noise[:, k], noise[:, k], vector)
             self._val_bin_sums[k] += losses.double().sum()
             self._val_bin_counts[k] += latents.shape[0]
 
@@ -439,10 +481,48 @@ def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.
     context_dim = getattr(unet, "context_dim", None)
     text_dim = getattr(text_encoder, "output_dim", None)
     if context_dim is not None and text_dim is not None and context_dim != text_dim:
+        towers = getattr(text_encoder, "output_dims", None)
+        source = f"the text towers output {' + '.join(map(str, towers))} = {text_dim}" if towers else \
+            f"the text encoder outputs {text_dim}"
         raise ValueError(
-            f"model.unet.context_dim={context_dim} but the text encoder outputs {text_dim}-dim tokens; "
+            f"model.unet.context_dim={context_dim} but {source}-dim tokens; "
             f"set model.unet.context_dim={text_dim} or choose another text_encoder"
         )
+    adm_in_channels = getattr(unet, "adm_in_channels", None)
+    vector_dim = vector_width(text_encoder)
+    if (adm_in_channels or 0) != vector_dim:
+        if vector_dim:
+            parts = (f"{text_encoder.pooled_dim} pooled + {len(text_encoder.size_conditions)} x 2 x "
+                     f"{text_encoder.size_embedding_dim} size embeddings")
+            given = f"the text encoder's vector is {vector_dim}-dim ({parts})"
+        else:
+            given = "the text encoder gives no vector (a single tower without micro-conditioning)"
+        raise ValueError(f"model.unet.adm_in_channels={adm_in_channels} but {given}; set "
+                         f"model.unet.adm_in_channels={vector_dim or 'null'} or choose another text_encoder")
+
+
+def check_size_fields(text_encoder: nn.Module, datamodule: Any) -> None:
+    """Micro-conditioning needs batches that carry the size fields: those of a data module with buckets
+    (``data.buckets``, null for square images: ``ldm.data.datamodule``), which every batch gives them."""
+    conditions = list(getattr(text_encoder, "size_conditions", ()))
+    if conditions and datamodule is not None and not hasattr(datamodule, "buckets"):
+        raise ValueError(f"model.text_encoder.size_conditions={conditions} (micro-conditioning) needs batches with "
+                         f"those size fields, which {type(datamodule).__name__} does not give: use a data module "
+                         f"with data.buckets (null for square images) or set model.text_encoder.size_conditions=[]")
+
+
+def check_size_condition_dropout(dropout: Mapping[str, float] | None, text_encoder: nn.Module) -> dict[str, float]:
+    """``model.size_condition_dropout`` as a dict, each probability in [0, 1] and each name a size condition
+    of the text encoder (``model.text_encoder.size_conditions``)."""
+    if not dropout:
+        return {}
+    conditions = tuple(getattr(text_encoder, "size_conditions", ()))
+    for name, probability in dropout.items():
+        if name not in conditions:
+            raise ValueError(f"model.size_condition_dropout.{name}: the text encoder embeds no such size condition "
+                             f"(model.text_encoder.size_conditions={list(conditions)})")
+        check_number(f"model.size_condition_dropout.{name}", probability, minimum=0.0, maximum=1.0)
+    return {name: float(probability) for name, probability in dropout.items()}
 
 
 def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module) -> None:

@@ -1,0 +1,94 @@
+"""SDXL-class models travel both ways: the original SDXL single file (model.diffusion_model.*,
+first_stage_model.*, conditioner.embedders.0.transformer.* for CLIP-L in transformers' layout,
+conditioner.embedders.1.model.* for OpenCLIP bigG) round-trips bit-exactly, a released-style file without
+ldm's metadata loads from its shapes, and an exported diffusers SDXL folder generates ldm's images in
+diffusers' StableDiffusionXLPipeline."""
+
+import json
+
+import pytest
+import torch
+
+from ldm.checkpoints import read_state_dict, save_weights
+from ldm.interchange.load_model import load_model
+from ldm.pipeline import TextToImagePipeline
+from ldm.tools.export import export_module, export_pipeline
+
+from .conftest import assert_same_tensors, tiny_module
+
+SDXL_OVERRIDES = ("model/unet=tiny_xl", "model/text_encoder=tiny_xl")
+PROMPTS = ["a red circle on a white background", "a blue square on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def module():
+    return tiny_module(*SDXL_OVERRIDES)
+
+
+def generate(pipeline: TextToImagePipeline, **options):
+    return pipeline(PROMPTS, height=32, width=48, num_inference_steps=6, guidance_scale=2.0, sampler="ddim",
+                    seed=[5, 9], **options)
+
+
+def test_original_sdxl_file_has_sdxls_layout_and_round_trips_bit_exactly(module, tmp_path):
+    first = export_module(module, tmp_path / "xl.safetensors", format="sd", use_ema=False)
+    state = read_state_dict(first)
+    assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (128, 128)
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight" in state
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in state
+    projection = state["conditioner.embedders.1.model.text_projection"]
+    assert torch.equal(projection, module.text_encoder.text_encoders[1].tower.text_projection)
+    assert "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight" in state
+    assert any(key.startswith("first_stage_model.") for key in state) and any(k.startswith("model_ema.") for k in state)
+
+    loaded = load_model(first, use_ema=False)
+    second = export_pipeline(TextToImagePipeline(
+        loaded.unet, loaded.vae, loaded.text_encoder, loaded.noise_schedule.alphas_cumprod, loaded.latent_scale_factor,
+        model_config=loaded.model_config, ema_state=loaded.ema_state), tmp_path / "again.safetensors", format="sd")
+    assert_same_tensors(read_state_dict(second), state)
+
+
+def test_a_released_style_sdxl_file_loads_from_its_shapes_and_generates_ldms_images(module, tmp_path):
+    exported = export_module(module, tmp_path / "xl.safetensors", format="sd")
+    bare = tmp_path / "released.safetensors"
+    save_weights(read_state_dict(exported), bare)  # no ldm metadata: the architecture is read from the shapes
+    loaded = load_model(bare)
+    config = loaded.model_config
+    assert config["unet"]["transformer_depth"] == [1, 1, 2] and config["unet"]["adm_in_channels"] == 128
+    assert config["text_encoder"]["size_embedding_dim"] == 16 and loaded.latent_scale_factor == pytest.approx(0.13025)
+    assert [tower["layer"] for tower in config["text_encoder"]["text_encoders"]] == ["penultimate"] * 2
+    # head counts and norm groups are what shapes do not tell (SD: 64-channel heads, 32 groups): the tiny
+    # model's are given, with its VAE and schedule (the U-Net's depths and vector come from the shapes)
+    pipeline = TextToImagePipeline.from_pretrained(bare, model_config={
+        "unet": {"num_head_channels": 16, "norm_num_groups": 8},
+        **{name: module.model_config[name] for name in ("vae", "text_encoder", "noise_schedule")}})
+    pipeline.latent_scale_factor = float(module.latent_scale_factor)
+    ours = generate(module.pipeline())
+    assert ours.std() > 0.05
+    torch.testing.assert_close(generate(pipeline), ours, atol=1e-5, rtol=0)
+
+
+def test_stable_diffusion_xl_pipeline_from_an_exported_model_generates_ldm_images(module, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    out = export_module(module, tmp_path / "exported", format="diffusers")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    unet_config = json.loads((out / "unet/config.json").read_text())
+    assert unet_config["addition_embed_type"] == "text_time" and unet_config["transformer_layers_per_block"] == [1, 1, 2]
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(out, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ours_pipeline = module.pipeline()
+    ours = generate(ours_pipeline, steps_offset=1)
+    theirs = pipe(PROMPTS, height=32, width=48, num_inference_steps=6, guidance_scale=2.0, output_type="pt",
+                  latents=ours_pipeline.initial_noise([5, 9], 32, 48)).images
+    assert ours.std() > 0.05
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    # micro-conditioning reaches diffusers too: a crop offset changes both sides' images alike
+    cropped = generate(ours_pipeline, steps_offset=1, crop_coords=(16, 24))
+    theirs_cropped = pipe(PROMPTS, height=32, width=48, num_inference_steps=6, guidance_scale=2.0, output_type="pt",
+                          crops_coords_top_left=(16, 24), latents=ours_pipeline.initial_noise([5, 9], 32, 48)).images
+    assert (cropped - ours).abs().max() > 1e-3
+    torch.testing.assert_close(theirs_cropped, cropped, atol=1e-4, rtol=0)
+    # and ldm reads the folder back into the same model
+    again = TextToImagePipeline.from_pretrained(out)
+    torch.testing.assert_close(generate(again, steps_offset=1), ours, atol=1e-5, rtol=0)
