@@ -3,7 +3,9 @@
 A latent shard keeps the keys, captions and JSON of its image shard; per sample:
 ``KEY.latent_mean.npy`` and ``KEY.latent_std.npy`` (the VAE posterior, (C, h, w) float16, unscaled,
 so training still draws ``mean + std * eps`` like the VAE path), optionally ``KEY.text_states.npy``
-(the frozen text encoder's output for the caption, (L, D) float16), ``KEY.txt`` and ``KEY.json``
+(the frozen text encoder's output for the caption, (L, D) float16; for several towers their states
+concatenated) and ``KEY.text_pooled.npy`` (an SDXL-class conditioner's pooled embedding, (P,) float16),
+``KEY.txt`` and ``KEY.json``
 (the image's metadata plus ``original_size`` and ``crop_coords``). A folder of latent shards holds
 ``latents.json``: the VAE and text encoder configs and the resolution they were made with.
 """
@@ -42,8 +44,10 @@ def latent_sample_files(
     caption: str,
     metadata: dict,
     text_states: torch.Tensor | None = None,
+    text_pooled: torch.Tensor | None = None,
 ) -> dict[str, bytes | str]:
-    """One latent sample as webdataset ``TarWriter`` fields. latent_mean/std: (C, h, w); text_states: (L, D)."""
+    """One latent sample as webdataset ``TarWriter`` fields. latent_mean/std: (C, h, w); text_states: (L, D);
+    text_pooled: (P,)."""
     files: dict[str, bytes | str] = {
         "__key__": key,
         "latent_mean.npy": npy_bytes(latent_mean.detach().float().cpu().numpy().astype(np.float16)),
@@ -53,6 +57,8 @@ def latent_sample_files(
     }
     if text_states is not None:
         files["text_states.npy"] = npy_bytes(text_states.detach().float().cpu().numpy().astype(np.float16))
+    if text_pooled is not None:
+        files["text_pooled.npy"] = npy_bytes(text_pooled.detach().float().cpu().numpy().astype(np.float16))
     return files
 
 
@@ -61,7 +67,8 @@ class LatentTextDataset(ShardStream):
     dropout, skip counting and skip-rate ceiling are those of ``ShardStream``.
 
     Each sample: ``{"latent_mean", "latent_std": (C, h, w) float32, "caption": str, "key": str,
-    "original_size", "crop_coords": (2,) long, ["text_states": (L, D) float32 when use_text_states],
+    "original_size", "crop_coords": (2,) long, ["text_states": (L, D) float32 when use_text_states,
+    and "text_pooled": (P,) float32 when the shards hold it],
     "skipped": {reason: count}}``. A sample whose arrays are unreadable, of another shape than the
     stream's first, or lacking text states that ``use_text_states`` asks for, is skipped as ``corrupt_latent``.
     """
@@ -77,6 +84,8 @@ class LatentTextDataset(ShardStream):
         url = raw["__url__"]
         where = f"{url} {raw['__key__']}"
         names = ["latent_mean.npy", "latent_std.npy"] + (["text_states.npy"] if self.use_text_states else [])
+        if self.use_text_states and "text_pooled.npy" in raw:  # an SDXL-class conditioner's pooled embedding
+            names.append("text_pooled.npy")
         missing = [name for name in names if name not in raw]
         if missing:
             counter.add("corrupt_latent", f"{where} has no {', '.join(missing)} (made without --text-encoder?)",
@@ -102,6 +111,8 @@ class LatentTextDataset(ShardStream):
         }
         if self.use_text_states:
             sample["text_states"] = torch.from_numpy(arrays[2].astype(np.float32))
+            if len(arrays) > 3:
+                sample["text_pooled"] = torch.from_numpy(arrays[3].astype(np.float32))
         return sample
 
 

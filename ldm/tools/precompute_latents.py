@@ -73,6 +73,16 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
+def encode_text(text_encoder: nn.Module | None, captions: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(text states (B, L, D), pooled embedding (B, P)) of the captions; the pooled one only for a conditioner
+    that uses one (SDXL: several towers' states concatenated, one tower's pooled embedding)."""
+    if text_encoder is None:
+        return None, None
+    if getattr(text_encoder, "pooled_dim", 0) and hasattr(text_encoder, "text_encoders"):
+        return text_encoder.encode(captions)
+    return text_encoder(captions), None
+
+
 def encode_shard(
     url: str,
     target: Path,
@@ -96,13 +106,14 @@ def encode_shard(
             for batch in loader:
                 with autocast:
                     posterior = vae.encode(batch["image"].to(device))
-                    text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
+                    text_states, text_pooled = encode_text(text_encoder, batch["caption"])
                 for index, key in enumerate(batch["key"]):
                     metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
                                 "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
                     writer.write(latent_sample_files(
                         key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
                         text_states[index] if text_states is not None else None,
+                        text_pooled[index] if text_pooled is not None else None,
                     ))
         if counter.samples_skipped_by_reason["unreadable_shard"]:
             temporary.unlink()  # so that a re-run retries this shard

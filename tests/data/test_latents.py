@@ -181,3 +181,32 @@ def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
     metrics = train_entry().train(cfg)
     assert metrics["perf/latents_per_s"] > 0 and metrics["perf/images_per_s"] == metrics["perf/latents_per_s"]
     assert metrics["perf/unet_tflops"] > 0
+
+
+def test_several_towers_precompute_their_concatenated_states_and_the_pooled_embedding(image_shards, vae_weights,
+                                                                                      tmp_path):
+    """An SDXL-class conditioner (two towers) stores (L, D1 + D2) states and the pooled embedding; a data=latents
+    batch then gives the U-Net the same context and vector as encoding the captions."""
+    spec = str(image_shards[0].parent / "train-000002.tar")
+    xl_text = str(ROOT / "configs/model/text_encoder/tiny_xl.yaml")
+    tool.main(["--shards", spec, "--out-dir", str(tmp_path), "--vae", VAE, "--vae-weights", vae_weights,
+               "--text-encoder", xl_text, "--resolution", "32", "--batch-size", "4", "--device", "cpu"])
+    files = members(tmp_path / "train-000002.tar")
+    key = next(name for name in files if name.endswith(".text_states.npy")).removesuffix(".text_states.npy")
+    assert load_npy(files[f"{key}.text_states.npy"]).shape == (16, 96)
+    assert load_npy(files[f"{key}.text_pooled.npy"]).shape == (32,)
+    batch = next(iter(latent_module(tmp_path, train_shards=str(tmp_path / "train-000002.tar"),
+                                    val_shards=str(tmp_path / "train-000002.tar"), caption_dropout_prob=0.0)
+                      .train_dataloader()))
+    assert batch["text_pooled"].shape == (4, 32)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+                                          "model/unet=tiny_xl", "model/text_encoder=tiny_xl"])
+    module = instantiate_module(cfg.model).eval()
+    batch.setdefault("target_size", torch.tensor([[32, 32]] * 4))  # bucketed data modules give it
+    context, vector = module.batch_conditioning(batch)
+    encoded_context, encoded_vector = module.batch_conditioning({k: v for k, v in batch.items()
+                                                                 if k not in ("text_states", "text_pooled")})
+    torch.testing.assert_close(context, encoded_context, atol=2e-3, rtol=1e-2)  # stored as float16
+    torch.testing.assert_close(vector, encoded_vector, atol=2e-3, rtol=1e-2)
