@@ -87,7 +87,8 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
     scales = options.scales
     settings = SamplingSettings(
         sampler=options.sampler, num_inference_steps=options.num_inference_steps, seed=options.seed,
-        batch_size=options.batch_size, height=resolution, width=resolution, sampler_options=dict(options.sampler_options),
+        batch_size=options.batch_size, height=resolution, width=resolution,
+        sampler_options={**options.sampler_options, **options.micro_conditioning},  # the pipeline's keywords both
     )
     memorization_sets = None
     if options.memorization:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.models.conditioner import SIZE_CONDITIONS
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class EvalOptions:
     memorization_grid_pairs: int = 12
     posthoc_ema_snapshots: str | None = None
     sigma_rels: list[float] | None = None
+    micro_conditioning: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive = ("num_samples", "resolution", "num_inference_steps", "batch_size", "kid_subset_size", "kid_subsets",
@@ -73,6 +75,10 @@ class EvalOptions:
                 raise ValueError("eval.sigma_rels needs eval.posthoc_ema_snapshots: the run's posthoc_ema folder")
             if not self.sigma_rels or not all(0 < s < 0.28 for s in self.sigma_rels):
                 raise ValueError(f"eval.sigma_rels={self.sigma_rels} must list values in (0, 0.28)")
+        for name, value in self.micro_conditioning.items():
+            if name not in SIZE_CONDITIONS or len(value) != 2:
+                raise ValueError(f"eval.micro_conditioning.{name}={value}: give {list(SIZE_CONDITIONS)} as two numbers "
+                                 "each (height, width; top, left)")
         if self.num_grid_images < 0:
             raise ValueError(f"eval.num_grid_images={self.num_grid_images} must be >= 0")
         if self.sampler is not None and self.sampler not in SAMPLERS:

@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--height", type=positive_int, default=None, help="default: the training resolution")
     parser.add_argument("--width", type=positive_int, default=None, help="default: the training resolution")
     parser.add_argument("--batch-size", type=positive_int, default=64)
+    for name, default, meaning in (("original-size", "the image size", "HEIGHT WIDTH"),
+                                   ("crop-coords", "0 0", "TOP LEFT"), ("target-size", "the image size", "HEIGHT WIDTH")):
+        parser.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
+                            help=f"SDXL-class models' micro-conditioning (default: {default})")
     parser.add_argument("--out-dir", default=None, help="default: outputs/samples/<date>_<time>")
     args = parser.parse_args(argv)
 
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         prompts, height=args.height or pipeline.resolution, width=args.width or pipeline.resolution,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
         seed=args.seed, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+        original_size=args.original_size, crop_coords=args.crop_coords or (0, 0), target_size=args.target_size,
         **sampler_options,
     )
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir()

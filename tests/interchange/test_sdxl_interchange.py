@@ -92,3 +92,26 @@ def test_stable_diffusion_xl_pipeline_from_an_exported_model_generates_ldm_image
     # and ldm reads the folder back into the same model
     again = TextToImagePipeline.from_pretrained(out)
     torch.testing.assert_close(generate(again, steps_offset=1), ours, atol=1e-5, rtol=0)
+
+
+def test_the_sample_tool_and_eval_options_set_the_micro_conditioning(module, tmp_path):
+    import numpy
+    from PIL import Image
+
+    from ldm.config_check import build_options
+    from ldm.evaluation.options import EvalOptions
+    from ldm.tools.sample import main as sample_main
+
+    folder = export_module(module, tmp_path / "model", format="diffusers")
+    (path,) = sample_main(["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "6", "--guidance-scale", "2",
+                           "--sampler", "ddim", "--seed", "5", "--height", "32", "--width", "48",
+                           "--crop-coords", "16", "24", "--out-dir", str(tmp_path / "samples")])
+    expected = TextToImagePipeline.from_pretrained(folder)(
+        [PROMPTS[0]], height=32, width=48, num_inference_steps=6, guidance_scale=2.0, sampler="ddim", seed=5,
+        crop_coords=(16, 24))
+    written = torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert (written - expected[0]).abs().max() <= 1 / 255 + 1e-6  # PNG rounding
+    options = build_options(EvalOptions, {"micro_conditioning": {"crop_coords": [16, 24]}}, "eval")
+    assert options.micro_conditioning == {"crop_coords": [16, 24]}
+    with pytest.raises(ValueError, match="eval.micro_conditioning.aspect"):
+        EvalOptions(micro_conditioning={"aspect": [1, 2]})
