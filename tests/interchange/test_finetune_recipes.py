@@ -90,3 +90,22 @@ def test_tiny_finetune_starts_from_the_checkpoint_and_keeps_frozen_parts_out_of_
     # two AdamW steps at lr 1e-5 move each weight by ~2e-5: trained, and from the checkpoint's weights
     assert 0 < change < 1e-4
     assert read_state_dict(weights)  # the base file is untouched and still readable
+
+
+def test_sdxl_recipe_composes_sdxl_parts_that_fit_together_and_a_cluster_setup():
+    from hydra.utils import instantiate
+
+    from ldm.training.diffusion_module import check_model_compatibility
+
+    cfg = compose_recipe("sdxl_finetune", "model.pretrained.path=/ckpt/sd_xl_base_1.0.safetensors",
+                         "data.train_shards='/d/{0..9}.tar'")
+    model = cfg.model
+    assert (model.unet.context_dim, model.unet.adm_in_channels, list(model.unet.transformer_depth)) == (
+        2048, 2816, [1, 2, 10])
+    assert [tower.pretrained for tower in model.text_encoder.text_encoders] == [None, None]
+    assert model.latent_scale_factor == pytest.approx(0.13025) and model.vae.resolution == cfg.data.resolution == 1024
+    assert dict(cfg.data.buckets) == {"pixel_budget": 1024 * 1024, "side_step": 64, "max_aspect_ratio": 4.0}
+    assert (cfg.trainer.strategy, cfg.trainer.precision, cfg.trainer.accumulate_grad_batches) == ("ddp", "bf16-mixed", 4)
+    assert model.optimizer.lr == pytest.approx(1e-6) and cfg.data.caption_dropout_prob == pytest.approx(0.2)
+    with torch.device("meta"):  # the composed parts fit: context 2048, vector 2816
+        check_model_compatibility(instantiate(model.unet), instantiate(model.vae), instantiate(model.text_encoder))

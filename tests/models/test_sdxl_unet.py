@@ -141,3 +141,16 @@ def test_unet_refuses_a_missing_or_misshapen_vector():
         UNetModel(**{**TINY_LDM, "adm_in_channels": None})(x, t, context, y=pooled)
     with pytest.raises(ValueError, match="transformer_depth"):
         UNetModel(**{**TINY_LDM, "transformer_depth": (1, 2)})
+
+
+# diffusers' stabilityai/stable-diffusion-xl-base-1.0 vae/config.json (fields besides AutoencoderKL's defaults)
+SDXL_BASE_DIFFUSERS_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                               sample_size=1024, down_block_types=["DownEncoderBlock2D"] * 4,
+                               up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.13025, force_upcast=True)
+
+
+def test_sdxl_vae_preset_is_the_sd_architecture_of_diffusers_sdxl_vae():
+    with torch.device("meta"):
+        vae = instantiate(OmegaConf.load(CONFIGS / "vae/sdxl.yaml"))
+        reference = diffusers.AutoencoderKL(**SDXL_BASE_DIFFUSERS_VAE)
+    assert count(vae) == count(reference) == 83_653_863
