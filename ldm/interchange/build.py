@@ -48,28 +48,23 @@ def _is_config(value: Any) -> bool:
     return isinstance(value, Mapping) and "_target_" in value
 
 
-def build(config: Mapping[str, Any]) -> Any:
-    """Instantiate a ``_target_`` config; arguments that are ``_target_`` configs, or lists of them (the text
-    towers of a ``TextConditioner``), are built first."""
-    def built(value: Any) -> Any:
-        if _is_config(value):
-            return build(value)
-        if isinstance(value, (list, tuple)) and any(_is_config(item) for item in value):
-            return [built(item) for item in value]
-        return value
+def _nested(value: Any, apply: Any) -> Any:
+    """``apply`` on an argument that is a ``_target_`` config, or on each config of a list of them (the text
+    towers of a ``TextConditioner``); any other value unchanged."""
+    if _is_config(value):
+        return apply(value)
+    if isinstance(value, (list, tuple)) and any(_is_config(item) for item in value):
+        return [_nested(item, apply) for item in value]
+    return value
 
+
+def build(config: Mapping[str, Any]) -> Any:
+    """Instantiate a ``_target_`` config; arguments that are ``_target_`` configs, or lists of them, are built first."""
     arguments = constructor_arguments(config)
-    return resolve_target(config["_target_"])(**{key: built(value) for key, value in arguments.items()})
+    return resolve_target(config["_target_"])(**{key: _nested(value, build) for key, value in arguments.items()})
 
 
 def full_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A ``_target_`` config with every constructor argument spelled out (defaults filled), nested ones too."""
-    def filled(value: Any) -> Any:
-        if _is_config(value):
-            return full_config(value)
-        if isinstance(value, (list, tuple)) and any(_is_config(item) for item in value):
-            return [filled(item) for item in value]
-        return value
-
     return {"_target_": config["_target_"],
-            **{key: filled(value) for key, value in constructor_arguments(config).items()}}
+            **{key: _nested(value, full_config) for key, value in constructor_arguments(config).items()}}

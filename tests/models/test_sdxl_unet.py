@@ -101,17 +101,21 @@ def ldm_output(unet, x, t, context, pooled, time_ids):
     return unet(x, t, context, y=y)
 
 
+def assert_same_outputs(reference, unet) -> None:
+    with torch.no_grad():
+        expected = diffusers_output(reference, *inputs())
+        out = ldm_output(unet, *inputs())
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_tiny_sdxl_unet_matches_diffusers_from_diffusers_weights():
     torch.manual_seed(0)
     reference = diffusers.UNet2DConditionModel(**TINY_DIFFUSERS).eval()
     randomize(reference, seed=1)
     unet = UNetModel(**TINY_LDM).eval()
     unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), layers_per_block=1), strict=True)
-    with torch.no_grad():
-        expected = diffusers_output(reference, *inputs())
-        out = ldm_output(unet, *inputs())
-    assert expected.abs().mean() > 0.1
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert_same_outputs(reference, unet)
 
 
 def test_tiny_sdxl_unet_matches_diffusers_from_ldm_weights_and_config():
@@ -123,11 +127,7 @@ def test_tiny_sdxl_unet_matches_diffusers_from_ldm_weights_and_config():
                          addition_time_embed_dim=TIME_DIM)
     reference = diffusers.UNet2DConditionModel.from_config(config).eval()
     reference.load_state_dict(ldm_unet_to_diffusers(unet.state_dict(), layers_per_block=1), strict=True)
-    with torch.no_grad():
-        expected = diffusers_output(reference, *inputs())
-        out = ldm_output(unet, *inputs())
-    assert expected.abs().mean() > 0.1
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert_same_outputs(reference, unet)
     back = unet_model_config(config)
     assert list(back["transformer_depth"]) == [1, 2, 3] and back["adm_in_channels"] == TINY_LDM["adm_in_channels"]
 
