@@ -107,6 +107,9 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         if self.lora and not self.pretrained:
             raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
                             "or a diffusers folder, e.g. a run's model/ folder)")
+        if self.lora and hasattr(text_encoder, "text_encoders"):
+            raise LoraError("model.lora with a text encoder of several towers (SDXL-class, model.text_encoder="
+                            "TextConditioner) is not supported: LoRA files here name one text tower")
         if vae_weights and not os.path.isfile(vae_weights):
             raise FileNotFoundError(
                 f"model.vae_weights={vae_weights} does not exist: train stage 1 first (for the demo: python train.py "

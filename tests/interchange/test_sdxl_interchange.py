@@ -115,3 +115,24 @@ def test_the_sample_tool_and_eval_options_set_the_micro_conditioning(module, tmp
     assert options.micro_conditioning == {"crop_coords": [16, 24]}
     with pytest.raises(ValueError, match="eval.micro_conditioning.aspect"):
         EvalOptions(micro_conditioning={"aspect": [1, 2]})
+
+
+def test_an_sdxl_file_starts_a_finetune_with_its_unet_vae_and_both_towers(tmp_path):
+    from .conftest import build_module
+
+    module = tiny_module(*SDXL_OVERRIDES, seed=4)
+    with torch.no_grad():  # towers unlike the seeded ones a new run builds
+        for parameter in module.text_encoder.parameters():
+            parameter.add_(0.01)
+    exported = export_module(module, tmp_path / "xl.safetensors", format="sd", use_ema=False)
+    finetune = build_module(*SDXL_OVERRIDES, f"+model.pretrained.path={exported}", "model.latent_scale_factor=0.13025")
+    assert_same_tensors(finetune.unet.state_dict(), module.unet.state_dict())
+    assert_same_tensors(finetune.vae.state_dict(), module.vae.state_dict())
+    towers = list(zip(finetune.text_encoder.text_encoders, module.text_encoder.text_encoders))
+    # the pooled tower's projection travels; CLIP-L's is unused and SDXL files do not hold it
+    assert torch.equal(towers[1][0].tower.text_projection, towers[1][1].tower.text_projection)
+    for ours, theirs in towers:
+        assert torch.equal(ours.tower.transformer.resblocks[0].attn.in_proj_weight,
+                           theirs.tower.transformer.resblocks[0].attn.in_proj_weight)
+    # frozen towers that come from the file are left out of the run's checkpoints
+    assert "text_encoder." in finetune._weights_from_files()
