@@ -154,3 +154,25 @@ def test_sdxl_vae_preset_is_the_sd_architecture_of_diffusers_sdxl_vae():
         vae = instantiate(OmegaConf.load(CONFIGS / "vae/sdxl.yaml"))
         reference = diffusers.AutoencoderKL(**SDXL_BASE_DIFFUSERS_VAE)
     assert count(vae) == count(reference) == 83_653_863
+
+
+def test_ldms_sdxl_file_layout_is_what_diffusers_single_file_loader_reads_as_sdxl_base():
+    """The presets' original-layout state (meta device): diffusers' single-file code recognises it as SDXL
+    base and its U-Net converter gives diffusers' SDXL U-Net's keys and shapes."""
+    single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from ldm.interchange.original_file import original_checkpoint_state
+
+    text = OmegaConf.load(CONFIGS / "text_encoder/sdxl.yaml")
+    for tower in text.text_encoders:
+        tower.pretrained = None
+    with torch.device("meta"):
+        unet = instantiate(OmegaConf.load(CONFIGS / "unet/sdxl.yaml"))
+        vae = instantiate(OmegaConf.load(CONFIGS / "vae/sdxl.yaml"))
+        towers = instantiate(text).text_encoders
+        reference = diffusers.UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_UNET)
+    checkpoint = original_checkpoint_state(unet.state_dict(), vae.state_dict(),
+                                           [tower.tower.state_dict() for tower in towers], text_layout="sdxl")
+    assert single_file_utils.infer_diffusers_model_type(checkpoint) == "xl_base"
+    converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(reference.config))
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()}
