@@ -124,6 +124,9 @@ def load_model(
     if prediction_type is not None:
         model.prediction_type = prediction_type
     if lora is not None:
+        if hasattr(model.text_encoder, "text_encoders"):
+            raise ValueError(f"lora={lora}: LoRA files of SDXL-class models (several text towers) are not supported; "
+                             f"{source} is one")
         adapters = read_lora_file(lora, LoraNames(model.unet, model.text_encoder))
         merge_lora({"unet": model.unet, "text_encoder": model.text_encoder.tower}, adapters, scale=lora_scale)
         model.source = f"{model.source} + LoRA {lora}"
