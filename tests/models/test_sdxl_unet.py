@@ -173,6 +173,23 @@ def test_ldms_sdxl_file_layout_is_what_diffusers_single_file_loader_reads_as_sdx
     checkpoint = original_checkpoint_state(unet.state_dict(), vae.state_dict(),
                                            [tower.tower.state_dict() for tower in towers], text_layout="sdxl")
     assert single_file_utils.infer_diffusers_model_type(checkpoint) == "xl_base"
+    # a released file's architecture, read back from these shapes, is the presets'
+    from ldm.interchange.original_configs import sdxl_conditioner_config_from_weights, unet_config_from_weights
+    from ldm.interchange.original_file import split_original_file
+
+    parts = split_original_file(checkpoint)
+    inferred = unet_config_from_weights(parts["unet"])
+    preset = OmegaConf.load(CONFIGS / "unet/sdxl.yaml")
+    for key in ("model_channels", "channel_mult", "attention_resolutions", "num_head_channels", "context_dim",
+                "transformer_depth", "adm_in_channels", "use_linear_in_transformer", "norm_num_groups"):
+        expected = preset[key]
+        expected = sorted(expected) if key == "attention_resolutions" else (  # their order is free
+            list(expected) if key in ("channel_mult", "transformer_depth") else expected)
+        assert inferred[key] == expected, key
+    conditioner = sdxl_conditioner_config_from_weights(parts["text_encoder"], inferred["adm_in_channels"])
+    assert conditioner["size_embedding_dim"] == 256
+    assert [(tower["text_cfg"]["heads"], tower["text_cfg"]["layers"], tower["quick_gelu"], tower["pad_token_id"])
+            for tower in conditioner["text_encoders"]] == [(12, 12, True, 49407), (20, 32, False, 0)]
     converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(reference.config))
     assert {k: tuple(v.shape) for k, v in converted.items()} == {
         k: tuple(v.shape) for k, v in reference.state_dict().items()}
