@@ -7,7 +7,8 @@ seeds twice, with the same initial noise: at crop_coords (0, 0) (SDXL's default)
 the share whose shape lies wholly inside the frame (``ldm.evaluation.framing``), beside the same share of
 real validation images (whose shapes may touch the border: the reference level).
 
-    python benchmarks/crop_conditioning.py --model outputs/train/demo_xl/<time>/model [--crop-offset 16 16]
+    python benchmarks/crop_conditioning.py --model outputs/train/demo_xl/<time>/model [--size 32 64] \
+        [--crop-offset 0 32] [--original-size 32 96]
 
 Prints a table and writes ``crop_conditioning.json`` into the model's run folder, or to ``--output``.
 """
@@ -32,22 +33,27 @@ def main() -> None:
     parser = demo_sampling_parser(__doc__, images_per_prompt=4, seed=200_000, output_name=None)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="the images' size (default: square at the model's resolution)")
     parser.add_argument("--crop-offset", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
-                        help="default: half the image side in both directions")
+                        help="default: half the image size in both directions")
+    parser.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="original_size with the offset (default: the image size plus the offset)")
     args = parser.parse_args()
 
     model = Path(args.model) if args.model else newest_demo_model()
     pipeline = TextToImagePipeline.from_pretrained(model)
-    side = pipeline.resolution
-    offset = tuple(args.crop_offset) if args.crop_offset else (side // 2, side // 2)
+    height, width = args.size or (pipeline.resolution, pipeline.resolution)
+    offset = tuple(args.crop_offset) if args.crop_offset else (height // 2, width // 2)
+    original = tuple(args.original_size) if args.original_size else (height + offset[0], width + offset[1])
     captions = all_demo_captions()
     prompts = [caption for caption in captions for _ in range(args.images_per_prompt)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    settings = dict(height=side, width=side, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+    settings = dict(height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                     sampler=args.sampler, seed=seeds, batch_size=args.batch_size)
     conditions = {
         "crop (0, 0)": dict(crop_coords=(0, 0)),
-        f"crop {offset}": dict(crop_coords=offset, original_size=(side + offset[0], side + offset[1])),
+        f"crop {offset}": dict(crop_coords=offset, original_size=original),
     }
     rows, started = {}, time.perf_counter()
     for name, micro in conditions.items():
@@ -56,12 +62,12 @@ def main() -> None:
         rows[name] = {"inside_frame": float(shape_inside_frame(images).float().mean()),
                       **{fact: hit_rate(facts[fact]) for fact in ("colour", "shape")}, "micro_conditioning": micro}
     sampling_seconds = time.perf_counter() - started
-    val_shards = args.val_shards or default_val_shards(side)
+    val_shards = args.val_shards or (default_val_shards(height) if height == width else None)
     if val_shards:
-        real, _ = real_images(val_shards, side, limit=512)
+        real, _ = real_images(val_shards, height, limit=512)
         rows["real (val)"] = {"inside_frame": float(shape_inside_frame(real).float().mean())}
 
-    print(f"\nCrop conditioning: {model}\n{len(captions)} prompts x {args.images_per_prompt} images at {side}x{side}, "
+    print(f"\nCrop conditioning: {model}\n{len(captions)} prompts x {args.images_per_prompt} images at {height}x{width}, "
           f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale}\n")
     print(f"{'images':<22}{'inside frame':>14}{'colour':>9}{'shape':>9}")
     for name, row in rows.items():
@@ -72,7 +78,7 @@ def main() -> None:
     output.write_text(json.dumps({
         "model": str(model), "rows": rows, "num_images": len(prompts), "sampling_seconds": sampling_seconds,
         "settings": {"images_per_prompt": args.images_per_prompt, "sampler": args.sampler, "steps": args.steps,
-                     "guidance_scale": args.guidance_scale, "first_seed": args.seed, "side": side},
+                     "guidance_scale": args.guidance_scale, "first_seed": args.seed, "size": [height, width]},
         "machine": machine_info(),
     }, indent=2))
     print(f"\nwrote {output}")
