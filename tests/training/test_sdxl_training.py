@@ -51,7 +51,7 @@ def test_the_size_fields_reach_the_unet_and_dropping_a_condition_removes_them():
     assert context.shape == (4, 16, 96) and vector.shape == (4, 128)
     assert vector[1, :32].abs().max() == 0  # the dropped ("") caption's pooled embedding is zero
 
-    always_dropped = xl_module("+model.size_condition_dropout={crop_coords: 1.0}").train()
+    always_dropped = xl_module("model.size_condition_dropout={crop_coords: 1.0}").train()
     _, first = always_dropped.batch_conditioning(batch((0, 0)))
     _, second = always_dropped.batch_conditioning(batch((16, 8)))
     torch.testing.assert_close(first, second)  # the crop embedding is zeroed in training
@@ -77,7 +77,7 @@ def test_misconfigured_sdxl_parts_stop_at_start_up_naming_the_key():
     with pytest.raises(Exception, match="model.unet.adm_in_channels=128 .* gives no vector"):
         xl_module("model/text_encoder=tiny", "model.unet.context_dim=64")  # one tower: no vector for the U-Net
     with pytest.raises(Exception, match="model.size_condition_dropout.aspect"):
-        xl_module("+model.size_condition_dropout={aspect: 0.1}")
+        xl_module("model.size_condition_dropout={aspect: 0.1}")
     module = xl_module()
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=32))  # a data module without buckets
     with pytest.raises(ValueError, match=r"size_conditions=\['original_size', 'crop_coords', 'target_size'\].*"
