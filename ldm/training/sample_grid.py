@@ -10,10 +10,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
-
-from ldm.diffusion.samplers import check_sampler
 from ldm.config_check import check_number
+from ldm.diffusion.samplers import check_sampler
+from ldm.training.fsdp import whole_pipeline
+from ldm.pipeline import TextToImagePipeline
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -39,7 +39,7 @@ class SampleGridLogger(L.Callback):
     shows what the run trains on. The demo experiment lists the built-in set's prompts.
 
     Runs after each validation (not the sanity check) and at the end of training, on rank 0, with
-    the module's EMA U-Net through ``pl_module.pipeline()``. The grid goes to every W&B or
+    the module's EMA U-Net through ``pl_module.pipeline()`` (gathered from the shards under FSDP). The grid goes to every W&B or
     TensorBoard logger and to ``{output_dir}/samples/step_NNNNNN.png`` (and ``final.png``).
     """
 
@@ -95,20 +95,22 @@ class SampleGridLogger(L.Callback):
         self.prompts = choose_prompts(captions, self.num_prompts, self.seed)
 
     @torch.no_grad()
-    def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
+    def generate(self, pipeline: TextToImagePipeline) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] for the callback's prompts."""
-        pipeline = pl_module.pipeline(use_ema=self.use_ema)
         return pipeline(
             self.prompts, height=self.height, width=self.width, num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, batch_size=self.batch_size,
         )
 
-    @rank_zero_only
-    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+        """Sample, save and log the grid ``{output_dir}/{name}.png`` (rank 0; every rank must call it)."""
         was_training = pl_module.training
         pl_module.eval()
-        images = to_pil_images(self.generate(pl_module))
+        pipeline = whole_pipeline(trainer.strategy.model, pl_module, use_ema=self.use_ema)
+        images = to_pil_images(self.generate(pipeline)) if pipeline is not None else None
         pl_module.train(was_training)
+        if images is None:  # not rank 0
+            return None
         grid = captioned_grid(images, self.prompts, columns=self.columns, tile_size=self.tile_size)
         path = self.output_dir / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
