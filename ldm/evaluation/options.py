@@ -47,6 +47,7 @@ class EvalOptions:
     memorization_grid_pairs: int = 12
     posthoc_ema_snapshots: str | None = None
     sigma_rels: list[float] | None = None
+    sizes: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         positive = ("num_samples", "resolution", "num_inference_steps", "batch_size", "kid_subset_size", "kid_subsets",
@@ -73,6 +74,14 @@ class EvalOptions:
                 raise ValueError("eval.sigma_rels needs eval.posthoc_ema_snapshots: the run's posthoc_ema folder")
             if not self.sigma_rels or not all(0 < s < 0.28 for s in self.sigma_rels):
                 raise ValueError(f"eval.sigma_rels={self.sigma_rels} must list values in (0, 0.28)")
+        if self.sizes is not None:
+            if not self.sizes or not all(len(size) == 2 and min(size) > 0 for size in self.sizes):
+                raise ValueError(f"eval.sizes={self.sizes} must list positive [height, width] pairs, or be null")
+            combined = [f"eval.{name}" for name in ("seeds", "sigma_rels") if getattr(self, name) is not None]
+            combined += ["eval.memorization=true"] if self.memorization else []
+            if combined:
+                raise ValueError(f"eval.sizes (FID per size) does not combine with {', '.join(combined)}: set "
+                                 f"eval.memorization=false and leave eval.seeds and eval.sigma_rels null")
         if self.num_grid_images < 0:
             raise ValueError(f"eval.num_grid_images={self.num_grid_images} must be >= 0")
         if self.sampler is not None and self.sampler not in SAMPLERS:
