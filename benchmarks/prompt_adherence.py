@@ -75,7 +75,7 @@ def per_size(args: argparse.Namespace, ckpt: Path, pipeline: TextToImagePipeline
         rows = {"generated": rates(adherence(images, prompts)), "real": rates(adherence(real_images, real_captions))}
         if height != width:
             cropped = adherence(square_centre_crops(real_images), real_captions)  # a square has no position to read
-            rows["real, centre square crop"] = {fact: hit_rate(cropped[fact]) for fact in FACTS}
+            rows["square crop"] = {fact: hit_rate(cropped[fact]) for fact in FACTS}
         name = f"{height}x{width}"
         for label, row in rows.items():
             print(f"{name:<8}{'yes' if trained else 'no':>8}{label[:11]:>12}"
@@ -85,8 +85,9 @@ def per_size(args: argparse.Namespace, ckpt: Path, pipeline: TextToImagePipeline
         results[name] = {"trained": trained, "height": height, "width": width, "num_images": len(prompts),
                          "num_captions": len(captions), "sampling_seconds": seconds,
                          "generated": rows["generated"], "real": rows["real"],
-                         "real_centre_square_crop": rows.get("real, centre square crop")}
-        for index in range(args.grid_per_size):  # the first images: captions in order, so facts vary
+                         "real_centre_square_crop": rows.get("square crop")}
+        stride = len(captions) // args.grid_per_size + 1  # captions spread over shapes, colours and positions
+        for index in [i for i in range(0, stride * args.grid_per_size, stride) if i < len(prompts)]:
             cells.append(to_pil_images(images[index : index + 1])[0])
             cell_captions.append(f"{name}{'' if trained else ' (unseen)'}: {prompts[index]}")
     output = Path(args.output) if args.output else run_folder(ckpt) / "prompt_adherence_sizes.json"
