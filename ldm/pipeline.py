@@ -86,14 +86,31 @@ class TextToImagePipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def size_multiple(self) -> int:
+        """What every image side must be a multiple of: the VAE's downsampling factor x the U-Net's."""
+        return self.vae_downsample_factor * int(getattr(self.unet, "downsample_factor", 1))
+
+    def check_size(self, height: int, width: int) -> None:
+        """ValueError unless a height x width image can be generated: any aspect ratio, with each side a
+        positive multiple of ``size_multiple`` (so the latents go down and up the U-Net's levels whole)."""
+        multiple = self.size_multiple
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            def nearest(side: int) -> int:
+                return max(multiple, round(side / multiple) * multiple)
+
+            raise ValueError(
+                f"height={height} and width={width} must be positive multiples of {multiple} (the VAE's factor "
+                f"{self.vae_downsample_factor} x the U-Net's {multiple // self.vae_downsample_factor}); "
+                f"e.g. height={nearest(height)} width={nearest(width)}")
+
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> Tensor:
-        """Standard-normal latents (N, C, H/f, W/f), image i drawn from its own ``seeds[i]``.
+        """Standard-normal latents (N, C, height/f, width/f), image i drawn from its own ``seeds[i]``.
 
         Per-image seeds make an image independent of the batch it is generated in.
         """
+        self.check_size(height, width)
         factor = self.vae_downsample_factor
-        if height % factor or width % factor:
-            raise ValueError(f"height={height} and width={width} must be multiples of the VAE factor {factor}")
         shape = (self.latent_channels, height // factor, width // factor)
         noises = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noises).to(self.device)
@@ -158,6 +175,28 @@ class TextToImagePipeline:
             decoded = self.vae.decode(latents / self.latent_scale_factor)
             images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0))
         return torch.cat(images)
+
+    def generate_at_sizes(self, prompts: Sequence[str], sizes: Sequence[Sequence[int]], seed: int | Sequence[int] = 0,
+                          **options: Any) -> list[Tensor]:
+        """Images for ``prompts``, image i of ``sizes[i] = (height, width)``: a list of (3, height_i, width_i) in
+        [0, 1], in prompt order. One ``__call__`` per distinct size (``options`` go to each); image i keeps its
+        own seed (``seed + i``, or ``seed[i]``), so it is the image a call at its size alone would give."""
+        prompts = list(prompts)
+        if len(sizes) != len(prompts):
+            raise ValueError(f"{len(sizes)} sizes given for {len(prompts)} prompts")
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds given for {len(prompts)} prompts")
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, (height, width) in enumerate(sizes):
+            by_size.setdefault((int(height), int(width)), []).append(index)
+        images: list[Tensor | None] = [None] * len(prompts)
+        for (height, width), indices in by_size.items():
+            generated = self([prompts[i] for i in indices], height=height, width=width,
+                             seed=[seeds[i] for i in indices], **options)
+            for index, image in zip(indices, generated):
+                images[index] = image
+        return images
 
     def encode_prompts(self, prompts: Sequence[str], height: int, width: int, original_size: Sequence[int] | None = None,
                        crop_coords: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None

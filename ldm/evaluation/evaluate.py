@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ldm.data.synthetic import parse_caption
 from ldm.evaluation.distributed import gather_in_order, sample_indices
 from ldm.evaluation.metrics import PooledPixelFeatures, distribution_metrics
-from ldm.evaluation.prompt_adherence import FACTS, adherence
+from ldm.evaluation.prompt_adherence import FACTS, POSITION, adherence
 from ldm.evaluation.reference import extract_features
 from ldm.pipeline import TextToImagePipeline
 from ldm.ranks import rank_and_world_size
@@ -76,9 +76,11 @@ def generate_and_score(
     result: dict[str, Any] = {"features": torch.stack(gather_in_order(indices, features))}
     result["adherence"] = None
     if are_builtin_captions(captions):
-        hits = adherence(images.cpu(), local_captions) if indices else {fact: [] for fact in (*FACTS, "all")}
-        per_sample = gather_in_order(indices, [{fact: hits[fact][k] for fact in hits} for k in range(len(indices))])
-        result["adherence"] = {fact: [sample[fact] for sample in per_sample] for fact in (*FACTS, "all")}
+        # Position is scored where every caption states one (the multi-aspect set at a non-square size).
+        facts = (*FACTS, *([POSITION] if all(POSITION in parse_caption(c) for c in captions) else []), "all")
+        hits = adherence(images.cpu(), local_captions) if indices else {fact: [] for fact in facts}
+        per_sample = gather_in_order(indices, [{fact: hits[fact][k] for fact in facts} for k in range(len(indices))])
+        result["adherence"] = {fact: [sample[fact] for sample in per_sample] for fact in facts}
     result["clip_score"], result["clip_per_sample"] = None, None
     if clip_score is not None:
         local = per_sample_clip_scores(clip_score, images, local_captions, settings.batch_size) if indices else []
@@ -142,3 +144,55 @@ def guidance_sweep(
         if on_row is not None:
             on_row(row)
     return rows, images
+
+
+def size_sweep(
+    pipeline: TextToImagePipeline,
+    captions_by_size: dict[tuple[int, int], list[str]],
+    real_by_size: dict[tuple[int, int], Tensor],
+    guidance_scales: Sequence[float],
+    settings: SamplingSettings,
+    feature_extractor: nn.Module,
+    clip_score: Any | None = None,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    keep_images: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]], dict[float, list[Tensor]]]:
+    """Metrics at each image size (height, width) separately, and over all sizes together.
+
+    For each size, ``guidance_sweep`` generates one image per caption of ``captions_by_size[size]`` at that
+    size and scores it against ``real_by_size[size]`` (features (N, D) of real images of that size). Returns
+    the overall rows (one per scale: FID/KID of all generated against all real features pooled, adherence and
+    CLIP score over all samples), the rows of each size (``{"HxW": [row per scale]}``), and the first
+    ``keep_images`` images (3, H, W) of each size, per scale.
+    """
+    scored_by_scale: dict[float, list[dict[str, Any]]] = {float(scale): [] for scale in guidance_scales}
+
+    def keep_scored(scale: float, scored: dict[str, Any]) -> dict[str, Any]:
+        scored_by_scale[scale].append(scored)
+        return {}
+
+    per_size, images = {}, {float(scale): [] for scale in guidance_scales}
+    for (height, width), captions in captions_by_size.items():
+        rows, kept = guidance_sweep(pipeline, captions, real_by_size[(height, width)], guidance_scales,
+                                    replace(settings, height=height, width=width), feature_extractor, clip_score,
+                                    kid_subset_size, kid_subsets, keep_images=keep_images, analyse=keep_scored)
+        per_size[f"{height}x{width}"] = rows
+        for scale, scale_images in kept.items():
+            images[scale].extend(scale_images)
+    overall = []
+    for scale, scored_sizes in scored_by_scale.items():
+        row: dict[str, Any] = {"guidance_scale": scale, "num_samples": sum(len(c) for c in captions_by_size.values())}
+        row.update(distribution_metrics(torch.cat(list(real_by_size.values())),
+                                        torch.cat([scored["features"] for scored in scored_sizes]),
+                                        kid_subset_size, kid_subsets, settings.seed))
+        clip_scores = [scored["clip_per_sample"] for scored in scored_sizes if scored["clip_per_sample"] is not None]
+        row["clip_score"] = max(float(torch.cat(clip_scores).mean()), 0.0) if clip_scores else None
+        hits: dict[str, list[bool]] = {}
+        for scored in scored_sizes:
+            for fact, values in (scored["adherence"] or {}).items():
+                hits.setdefault(fact, []).extend(values)
+        row.update({f"adherence_{fact}": sum(values) / len(values) for fact, values in hits.items()})
+        row["seconds"] = sum(scored["seconds"] for scored in scored_sizes)
+        overall.append(row)
+    return overall, per_size, images

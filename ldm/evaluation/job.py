@@ -20,15 +20,16 @@ from ldm.config_check import build_options
 from ldm.diffusion.samplers import DEFAULT_SAMPLERS
 from ldm.evaluation.analysis import MemorizationSets, SampleAnalysis, memorization_grid
 from ldm.evaluation.distributed import barrier
-from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep
+from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep, size_sweep
 from ldm.evaluation.metrics import PooledPixelFeatures
 from ldm.evaluation.options import EvalOptions
-from ldm.evaluation.reference import extract_features, read_image_caption_set, reference_features
+from ldm.evaluation.reference import extract_features, read_image_caption_set, read_images_by_size, reference_features
 from ldm.evaluation.report import (format_table, log_to_wandb, plot_guidance_curve, plot_sigma_rel_curve, sample_grid,
                                    write_results)
 from ldm.evaluation.uncertainty import spread_over_seeds
 from ldm.pipeline import TextToImagePipeline
 from ldm.ranks import rank_and_world_size
+from ldm.visualization import captioned_grid, to_pil_images
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
 
     extractor = rank_zero_first(lambda: hydra.utils.instantiate(cfg.feature_extractor)).to(device).eval()
     extractor_name = getattr(extractor, "name", type(extractor).__name__)
+    if options.sizes:
+        return evaluate_sizes(cfg, options, pipeline, reference_shards, extractor, extractor_name)
     real, real_captions, cache_file = rank_zero_first(lambda: reference_features(
         reference_shards, resolution, extractor, extractor_name, options.reference_cache_dir, options.num_reference))
     captions = generation_captions(real_captions, options.num_samples, options.prompts_file)
@@ -159,6 +162,65 @@ def run_evaluation(cfg: DictConfig, device: str | torch.device = "cpu") -> dict[
         print(format_table(rows))
         if posthoc_rows:
             print(format_table(posthoc_rows, first_column="sigma_rel"))
+        print(f"results written to {output_dir / 'results.json'}")
+    return results
+
+
+def evaluate_sizes(cfg: DictConfig, options: EvalOptions, pipeline: TextToImagePipeline,
+                   reference_shards: str | list[str], extractor: torch.nn.Module, extractor_name: str) -> dict[str, Any]:
+    """``eval.sizes``: FID, KID, adherence and CLIP score at each image size against the reference images stored
+    at that size, and over all sizes pooled; writes ``results.json`` (``per_size`` and the pooled ``rows``)
+    and a grid of each size's first images."""
+    rank, world_size = rank_and_world_size(from_launcher=False)
+    for height, width in options.sizes:
+        pipeline.check_size(height, width)
+    stored = read_images_by_size(reference_shards, options.num_reference)
+    sizes = [(int(h), int(w)) for h, w in options.sizes]
+    missing = [f"{h}x{w}" for h, w in sizes if (h, w) not in stored]
+    if missing:
+        raise ValueError(f"eval.sizes: no reference image of {', '.join(missing)} in {reference_shards} (stored sizes: "
+                         f"{', '.join(f'{h}x{w}' for h, w in stored)})")
+    real_by_size = {size: extract_features(extractor, torch.stack(stored[size][0])) for size in sizes}
+    captions_by_size = {size: generation_captions(stored[size][1], options.num_samples, options.prompts_file)
+                        for size in sizes}
+    settings = SamplingSettings(sampler=options.sampler, num_inference_steps=options.num_inference_steps,
+                                seed=options.seed, batch_size=options.batch_size,
+                                sampler_options=dict(options.sampler_options))
+    clip_score = hydra.utils.instantiate(cfg.clip) if cfg.get("clip") else None
+    rows, per_size, images = size_sweep(pipeline, captions_by_size, real_by_size, options.scales, settings, extractor,
+                                        clip_score, options.kid_subset_size, options.kid_subsets,
+                                        keep_images=options.num_grid_images)
+    results = {
+        "metrics": {k: v for k, v in rows[0].items() if k not in ("guidance_scale", "num_samples")} if len(rows) == 1 else None,
+        "rows": rows,
+        "per_size": {name: {"height": h, "width": w, "num_reference": len(stored[(h, w)][0]), "rows": size_rows}
+                     for (h, w), (name, size_rows) in zip(sizes, per_size.items())},
+        "checkpoint": str(cfg.ckpt_path), "use_ema": options.use_ema,
+        "sampler": settings.sampler or DEFAULT_SAMPLERS.get(pipeline.prediction_type, "ddim"),
+        "num_inference_steps": settings.num_inference_steps, "sampler_options": settings.sampler_options,
+        "guidance_scales": options.scales, "seed": settings.seed, "sizes": [list(size) for size in sizes],
+        "feature_extractor": {"name": extractor_name, "num_features": int(next(iter(real_by_size.values())).shape[1]),
+                              "val_accuracy": getattr(extractor, "val_accuracy", None)},
+        "reference": {"shards": str(reference_shards) if isinstance(reference_shards, str) else list(reference_shards),
+                      "num_images": sum(len(stored[size][0]) for size in sizes)},
+        "prompts_file": options.prompts_file, "world_size": world_size,
+    }
+    if rank == 0:
+        output_dir = Path(options.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        grids = {}
+        for scale, kept in images.items():
+            if kept:
+                labels = [f"{h}x{w}: {c}" for (h, w), captions in captions_by_size.items()
+                          for c in captions[: options.num_grid_images]]
+                grids[f"guidance_{scale:g}"] = captioned_grid(to_pil_images(kept), labels, columns=6)
+        for name, grid in grids.items():
+            grid.save(output_dir / f"samples_{name}.png")
+        write_results(output_dir / "results.json", results)
+        log_to_wandb(instantiate_group(cfg.get("logger")), results, grids, None)
+        for name, size_rows in per_size.items():
+            print(f"{name}:\n{format_table(size_rows)}")
+        print(f"all sizes:\n{format_table(rows)}")
         print(f"results written to {output_dir / 'results.json'}")
     return results
 

@@ -49,6 +49,7 @@ class EvalOptions:
     posthoc_ema_snapshots: str | None = None
     sigma_rels: list[float] | None = None
     micro_conditioning: dict[str, list[int]] = field(default_factory=dict)
+    sizes: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         positive = ("num_samples", "resolution", "num_inference_steps", "batch_size", "kid_subset_size", "kid_subsets",
@@ -79,6 +80,14 @@ class EvalOptions:
             if name not in SIZE_CONDITIONS or len(value) != 2:
                 raise ValueError(f"eval.micro_conditioning.{name}={value}: give {list(SIZE_CONDITIONS)} as two numbers "
                                  "each (height, width; top, left)")
+        if self.sizes is not None:
+            if not self.sizes or not all(len(size) == 2 and min(size) > 0 for size in self.sizes):
+                raise ValueError(f"eval.sizes={self.sizes} must list positive [height, width] pairs, or be null")
+            combined = [f"eval.{name}" for name in ("seeds", "sigma_rels") if getattr(self, name) is not None]
+            combined += ["eval.memorization=true"] if self.memorization else []
+            if combined:
+                raise ValueError(f"eval.sizes (FID per size) does not combine with {', '.join(combined)}: set "
+                                 f"eval.memorization=false and leave eval.seeds and eval.sigma_rels null")
         if self.num_grid_images < 0:
             raise ValueError(f"eval.num_grid_images={self.num_grid_images} must be >= 0")
         if self.sampler is not None and self.sampler not in SAMPLERS:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.data.synthetic import BACKGROUNDS, COLOURS
+from ldm.data.synthetic import BACKGROUNDS, COLOURS, positions_for
 
 def _as_rgb_array(
     image: np.ndarray | Image.Image | torch.Tensor, value_range: tuple[float, float] | None
@@ -106,10 +106,23 @@ def _shape_from_coverage(coverage: np.ndarray) -> str:
     return "square" if fill >= _SQUARE_MIN_FILL else "circle"
 
 
+def _position_from_coverage(coverage: np.ndarray) -> str | None:
+    """The half of a non-square image (H, W) that holds the coverage's centroid: left/right when wide,
+    top/bottom when tall; None when square."""
+    height, width = coverage.shape
+    positions = positions_for(height, width)
+    if not positions:
+        return None
+    axis_length, profile = (width, coverage.sum(axis=0)) if width > height else (height, coverage.sum(axis=1))
+    centroid = (profile * (np.arange(axis_length) + 0.5)).sum() / max(profile.sum(), 1e-6)
+    return positions[0] if centroid < axis_length / 2 else positions[1]
+
+
 def classify_scene(
     image: np.ndarray | Image.Image | torch.Tensor, value_range: tuple[float, float] | None = None
 ) -> dict[str, str]:
-    """Read a scene's facts from its pixels: ``{"shape", "colour", "background"}`` (names as in the captions).
+    """Read a scene's facts from its pixels: ``{"shape", "colour", "background"}`` (names as in the captions;
+    any height and width), and ``"position"`` on a non-square image.
 
     ``image``: PIL image; (H, W, 3) array (uint8 in [0, 255], float in [0, 1]); or (3, H, W) tensor
     (uint8; float in [0, 1], or in [-1, 1] when it holds values below -0.25, as the data pipeline's
@@ -118,7 +131,9 @@ def classify_scene(
     pixels are nearest to; shape pixels = those at least half way from the background colour to the
     shape's colour (largest connected region); colour = nearest palette colour to the median of the
     shape's core; shape = from its coverage map: vertical skewness (triangle) and area over width x
-    height (square ~1, circle ~pi/4, cross 5/9). Shape and colour are ``"none"`` when no shape is found.
+    height (square ~1, circle ~pi/4, cross 5/9); position = the half of a wide (left, right) or tall (top,
+    bottom) image that holds the shape's centroid. Shape, colour and position are ``"none"`` when no shape
+    is found.
     """
     pixels = _as_rgb_array(image, value_range)
     height, width, _ = pixels.shape
@@ -137,6 +152,8 @@ def classify_scene(
         background = _nearest(background_value, BACKGROUNDS)
 
     none = {"shape": "none", "colour": "none", "background": background}
+    if positions_for(height, width):
+        none["position"] = "none"
     distance = np.linalg.norm(pixels - background_value, axis=-1)
     candidates = distance > _CANDIDATE_DISTANCE
     min_pixels = max(4, int(0.002 * height * width))
@@ -153,4 +170,6 @@ def classify_scene(
         return {**none, "colour": colour}
     region = _dilate(_largest_component(inside), steps=2)  # the shape and its anti-aliased or blurred rim
     coverage = np.where(region, np.clip(alpha, 0.0, 1.0), 0.0)
-    return {"shape": _shape_from_coverage(coverage), "colour": colour, "background": background}
+    facts = {"shape": _shape_from_coverage(coverage), "colour": colour, "background": background}
+    position = _position_from_coverage(coverage)
+    return facts | ({"position": position} if position is not None else {})

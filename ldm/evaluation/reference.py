@@ -9,12 +9,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
 from ldm.checkpoints import save_weights
-from ldm.data.shards import expand_shards, image_text_dataset
+from ldm.data.filters import caption_candidates
+from ldm.data.shards import expand_shards, image_text_dataset, read_tar_samples
+from ldm.data.skips import SkipCounter
+from ldm.data.transforms import open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,39 @@ def read_image_caption_set(shards: str | list[str], resolution: int, limit: int 
     if not images:
         raise ValueError(f"no readable image-caption samples in {shards}; check the shard paths")
     return torch.stack(images), captions
+
+
+def read_images_by_size(shards: str | list[str], limit: int | None = None
+                        ) -> dict[tuple[int, int], tuple[list[Tensor], list[str]]]:
+    """The first ``limit`` (all when None) images of the shards at their stored size, grouped by (height, width):
+    ``{(h, w): ([(3, h, w) in [0, 1], ...], [caption, ...])}``, in shard order, each with its first caption.
+    For sets stored at their bucket sizes (the built-in multi-aspect set); unreadable samples are counted and
+    left out, as the data pipeline does."""
+    groups: dict[tuple[int, int], tuple[list[Tensor], list[str]]] = {}
+    counter, read = SkipCounter(), 0
+    for url in expand_shards(shards):
+        for raw in read_tar_samples(url, counter):
+            image_bytes = raw.get("png") or raw.get("jpg") or raw.get("jpeg") or raw.get("webp")
+            try:
+                metadata = json.loads(raw["json"]) if "json" in raw else {}
+                captions = caption_candidates(raw.get("txt"), metadata if isinstance(metadata, dict) else {})
+                with open_image(image_bytes) as image:
+                    pixels = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+            except Exception as error:  # PIL raises many types for corrupt files; JSON raises ValueError
+                counter.add("corrupt_image", f"{url} {raw['__key__']}: {type(error).__name__}", shard=url)
+                continue
+            if not captions:
+                counter.add("missing_caption", f"{url} {raw['__key__']}", shard=url)
+                continue
+            images, texts = groups.setdefault(tuple(pixels.shape[1:]), ([], []))
+            images.append(pixels.float() / 255)
+            texts.append(captions[0])
+            read += 1
+            if limit is not None and read >= limit:
+                return groups
+    if not groups:
+        raise ValueError(f"no readable image-caption samples in {shards}; check the shard paths")
+    return groups
 
 
 def shard_fingerprint(shards: str | list[str]) -> list[tuple[str, int]]:

@@ -31,10 +31,22 @@ FACT_CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 
+def pad_to_square(images: Tensor) -> Tensor:
+    """Images (N, 3, H, W) extended to (N, 3, S, S), S = max(H, W), by repeating their edge pixels on both sides
+    of the short one: a scene on a plain background stays undistorted (a resize to a square would squash it)."""
+    height, width = images.shape[-2:]
+    if height == width:
+        return images
+    extra_height, extra_width = max(width - height, 0), max(height - width, 0)
+    padding = (extra_width // 2, extra_width - extra_width // 2, extra_height // 2, extra_height - extra_height // 2)
+    return F.pad(images, padding, mode="replicate")
+
+
 class SceneClassifier(nn.Module):
     """CNN over images (N, 3, H, W) in [0, 1]; ``forward`` gives features (N, num_features) (post-ReLU).
 
-    Images are resized to ``resolution`` first, so any input size works. ``classify`` gives the
+    Images are padded to a square (``pad_to_square``) and resized to ``resolution`` first, so any input size
+    works. ``classify`` gives the
     logits of each fact (colour 6, shape 3, background 3).
     """
 
@@ -62,7 +74,7 @@ class SceneClassifier(nn.Module):
 
     def activations(self, images: Tensor) -> Tensor:
         """Penultimate activations (N, num_features) of images (N, 3, H, W) in [0, 1], not standardised."""
-        images = images.float()
+        images = pad_to_square(images.float())
         if images.shape[-2:] != (self.resolution, self.resolution):
             images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear",
                                    antialias=True, align_corners=False)
@@ -146,18 +158,33 @@ def scene_classifier_features(
     seed: int = 0,
     num_features: int = 64,
     min_accuracy: float = 0.95,
+    mixed_sizes: bool = False,
 ) -> SceneClassifier:
     """The cached scene classifier for these shards and settings, trained and checked on first use.
+
+    ``mixed_sizes``: the shards hold images of several sizes (the multi-aspect set); each is read whole and
+    brought to ``resolution`` x ``resolution`` as ``SceneClassifier`` brings what it is given (padded to a
+    square, resized), rather than centre-cropped (a crop would cut the scene away from its caption).
 
     The cache file ``{cache_dir}/scene_classifier-{hash}.safetensors`` holds the weights and, in its
     metadata, the settings and the validation accuracy per fact. Training stops with an error if the
     classifier gets fewer than ``min_accuracy`` of the validation images fully right: its features
     would not describe the images.
     """
-    from ldm.evaluation.reference import read_image_caption_set, shard_fingerprint
+    from ldm.evaluation.reference import read_image_caption_set, read_images_by_size, shard_fingerprint
+
+    def read(shards: str) -> tuple[Tensor, list[str]]:
+        if not mixed_sizes:
+            return read_image_caption_set(shards, resolution)
+        groups = read_images_by_size(shards).values()
+        images = [F.interpolate(pad_to_square(torch.stack(group)), size=(resolution, resolution), mode="bilinear",
+                                antialias=True, align_corners=False) for group, _ in groups]
+        return torch.cat(images), [caption for _, captions in groups for caption in captions]
 
     settings = dict(kind="scene_classifier", version=2, resolution=resolution, steps=steps, seed=seed,
                     num_features=num_features, train_shards=shard_fingerprint(train_shards))
+    if mixed_sizes:
+        settings["mixed_sizes"] = True
     path = Path(cache_dir) / f"scene_classifier-{_fingerprint(settings)}.safetensors"
     model = SceneClassifier(resolution=resolution, num_features=num_features)
     if path.is_file():
@@ -166,10 +193,10 @@ def scene_classifier_features(
         model.val_accuracy = json.loads(read_metadata(path)["val_accuracy"])
         return model.eval()
     started = time.perf_counter()
-    train_images, train_captions = read_image_caption_set(train_shards, resolution)
+    train_images, train_captions = read(train_shards)
     model = train_scene_classifier(train_images, train_captions, steps=steps, seed=seed,
                                    resolution=resolution, num_features=num_features)
-    val_images, val_captions = read_image_caption_set(val_shards, resolution)
+    val_images, val_captions = read(val_shards)
     accuracy = fact_accuracy(model, val_images, val_captions)
     if accuracy["all"] < min_accuracy:
         raise RuntimeError(
@@ -188,9 +215,11 @@ def scene_classifier_features(
 def builtin_scene_classifier(synthetic: dict, cache_dir: str | Path, steps: int = 250, seed: int = 0,
                              num_features: int = 64, min_accuracy: float = 0.95) -> SceneClassifier:
     """``scene_classifier_features`` for the built-in set described by ``synthetic`` (the keyword
-    arguments of ``ensure_synthetic_dataset``, as in ``configs/data/synthetic.yaml``), generated if missing."""
+    arguments of ``ensure_synthetic_dataset``, as in ``configs/data/synthetic.yaml``), generated if missing.
+    The multi-aspect set (``synthetic.sizes``) trains it on whole images of every size."""
     from ldm.data.synthetic import ensure_synthetic_dataset
 
     train_shards, val_shards = ensure_synthetic_dataset(**dict(synthetic))
     return scene_classifier_features(train_shards, val_shards, cache_dir, resolution=int(synthetic["resolution"]),
-                                     steps=steps, seed=seed, num_features=num_features, min_accuracy=min_accuracy)
+                                     steps=steps, seed=seed, num_features=num_features, min_accuracy=min_accuracy,
+                                     mixed_sizes=synthetic.get("sizes") is not None)

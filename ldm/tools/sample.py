@@ -4,8 +4,10 @@
         --prompt "a red circle on a white background" --prompt "a blue square on a gray background" \
         --num-images 4 --sampler ddim --steps 50 --guidance-scale 2 --seed 0 --out-dir samples/
 
-Writes one PNG per image (``NNNN_<prompt>.png``) and ``grid.png`` with captions, by default into
-``outputs/samples/<date>_<time>/`` under ``LDM_ROOT`` (or the current folder).
+Any size whose sides are multiples of the VAE x U-Net factor works (--height/--width, or --size HEIGHTxWIDTH
+repeated to generate every prompt at each size, e.g. --size 32x64 --size 64x32, mixed in one grid).
+Writes one PNG per image (``NNNN_<prompt>.png``, ``NNNN_<prompt>_<H>x<W>.png`` with --size) and ``grid.png``
+with captions, by default into ``outputs/samples/<date>_<time>/`` under ``LDM_ROOT`` (or the current folder).
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``"32x64"`` -> (32, 64): height x width."""
+    try:
+        height, width = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH, e.g. 32x64") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be at least 1")
+    return height, width
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m ldm.tools.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--height", type=positive_int, default=None, help="default: the training resolution")
     parser.add_argument("--width", type=positive_int, default=None, help="default: the training resolution")
+    parser.add_argument("--size", type=image_size, action="append", default=None,
+                        help="HEIGHTxWIDTH (repeat for several): every prompt at each size; not with --height/--width")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     for name, default, meaning in (("original-size", "the image size", "HEIGHT WIDTH"),
                                    ("crop-coords", "0 0", "TOP LEFT"), ("target-size", "the image size", "HEIGHT WIDTH")):
@@ -100,13 +115,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out-dir", default=None, help="default: outputs/samples/<date>_<time>")
     args = parser.parse_args(argv)
 
+    if args.size and (args.height or args.width):
+        raise SystemExit("give --size, or --height/--width, not both")
     sampler_options = sampler_options_from(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
     pipeline = load_pipeline(args)
-    images = pipeline(
-        prompts, height=args.height or pipeline.resolution, width=args.width or pipeline.resolution,
+    sizes = args.size or [(args.height or pipeline.resolution, args.width or pipeline.resolution)]
+    for height, width in sizes:
+        pipeline.check_size(height, width)  # before any sampling
+    sized = [(prompt, size) for size in sizes for prompt in prompts]
+    images = pipeline.generate_at_sizes(
+        [prompt for prompt, _ in sized], [size for _, size in sized], seed=[args.seed + i % len(prompts)
+                                                                            for i in range(len(sized))],
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-        seed=args.seed, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+        negative_prompt=args.negative_prompt, batch_size=args.batch_size,
         original_size=args.original_size, crop_coords=args.crop_coords or (0, 0), target_size=args.target_size,
         **sampler_options,
     )
@@ -114,11 +136,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     pil_images = to_pil_images(images)
     paths = []
-    for index, (image, prompt) in enumerate(zip(pil_images, prompts)):
-        path = out_dir / f"{index:04d}_{slug(prompt)}.png"
+    for index, (image, (prompt, (height, width))) in enumerate(zip(pil_images, sized)):
+        path = out_dir / f"{index:04d}_{slug(prompt)}{f'_{height}x{width}' if args.size else ''}.png"
         image.save(path)
         paths.append(path)
-    captioned_grid(pil_images, prompts, columns=min(8, len(prompts))).save(out_dir / "grid.png")
+    captions = [f"{h}x{w}: {prompt}" if args.size else prompt for prompt, (h, w) in sized]
+    captioned_grid(pil_images, captions, columns=min(8, len(prompts) if args.size else len(sized))).save(
+        out_dir / "grid.png")
     print(f"wrote {len(paths)} images and grid.png to {out_dir}")
     return paths
 

@@ -380,14 +380,18 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         return config
 
     # -------------------------------------------------------------------------------- generation
-    def pipeline(self, use_ema: bool = True) -> TextToImagePipeline:
-        """The text-to-image pipeline over this module's (EMA) U-Net, VAE and text encoder."""
+    def pipeline(self, use_ema: bool = True, unet: nn.Module | None = None) -> TextToImagePipeline:
+        """The text-to-image pipeline over this module's (EMA) U-Net, VAE and text encoder.
+
+        ``unet``: a U-Net to use instead (the whole weights gathered from FSDP shards: ``fsdp.whole_pipeline``)."""
         if torch.isnan(self.latent_scale_factor):
             raise RuntimeError("latent_scale_factor is not known yet: train a step or set model.latent_scale_factor")
-        unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
-        ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None) else None
+        given = unet is not None
+        if not given:
+            unet = self.ema_unet.module if (use_ema and self.ema_unet is not None) else self.unet
+        ema_state = self.ema_unet.module.state_dict() if (not use_ema and self.ema_unet is not None and not given) else None
         text_encoder = self.text_encoder
-        if self.lora:  # the plain model with the adapters merged in: what export and other tools expect
+        if self.lora and not given:  # the plain model with the adapters merged in: what export and other tools expect
             unet, text_encoder, ema_state = lora_pipeline_parts(self, use_ema)
         components = ("unet", "vae", "text_encoder", "noise_schedule")
         return TextToImagePipeline(

@@ -15,6 +15,7 @@ from ldm.evaluation.evaluate import SamplingSettings, generate_and_score
 from ldm.evaluation.metrics import fid_from_features
 from ldm.evaluation.reference import reference_features
 from ldm.ranks import rank_and_world_size
+from ldm.training.fsdp import whole_pipeline
 
 
 class FIDCallback(L.Callback):
@@ -93,7 +94,8 @@ class FIDCallback(L.Callback):
             self._prepare(trainer, pl_module)
         was_training = pl_module.training
         pl_module.eval()
-        scored = generate_and_score(pl_module.pipeline(use_ema=self.use_ema), self.captions, self.guidance_scale,
+        pipeline = whole_pipeline(trainer.strategy.model, pl_module, use_ema=self.use_ema, rank0_only=False)
+        scored = generate_and_score(pipeline, self.captions, self.guidance_scale,
                                     self.settings, self.extractor)
         pl_module.train(was_training)
         values = {"val/fid": fid_from_features(self.real_features, scored["features"])}

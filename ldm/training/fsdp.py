@@ -7,9 +7,12 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from ldm.interchange.build import build
 from ldm.models.unet import TimestepEmbedSequential, UNetModel
+from ldm.pipeline import TextToImagePipeline
 
 FROZEN_ENCODERS = ("vae", "text_encoder")
 
@@ -70,8 +73,34 @@ class UNetFSDPStrategy(FSDPStrategy):
 
 def fsdp_wrap(model: nn.Module, device: torch.device | None = None, **kwargs: Any) -> nn.Module:
     """Wrap ``model`` as ``UNetFSDPStrategy`` does (for tests and scripts that run without a Trainer)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     kwargs.setdefault("auto_wrap_policy", unet_wrap_policy())
     kwargs.setdefault("use_orig_params", True)
     return FullyShardedDataParallel(model, ignored_modules=frozen_encoders(model), device_id=device, **kwargs)
+
+
+def whole_pipeline(wrapped: nn.Module, module: Any, use_ema: bool = True, rank0_only: bool = True,
+                   ) -> TextToImagePipeline | None:
+    """``module.pipeline(use_ema)`` with whole weights, for the callbacks that sample or export the model.
+
+    ``wrapped``: the strategy's model (``trainer.strategy.model``). Without FSDP this is the module's own
+    pipeline (on rank 0 alone when ``rank0_only``, else None there). Under FSDP the U-Net's parameters are
+    shards, and a sharded module cannot run forward outside FSDP's own collectives, so every rank takes part
+    in gathering the full state dict (onto the CPU) and the ranks that sample build a plain U-Net from the
+    module's recorded config with it. Every rank must call this under FSDP.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    wanted = rank == 0 or not rank0_only
+    if not isinstance(wrapped, FullyShardedDataParallel):
+        return module.pipeline(use_ema=use_ema) if wanted else None
+    if module.lora or module.model_config is None:
+        raise ValueError("sampling or exporting under trainer=fsdp needs a full (not LoRA) U-Net built from configs "
+                         "(train.py does this); use trainer=ddp for LoRA runs")
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only)
+    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+        state = wrapped.state_dict()
+    if not wanted:
+        return None
+    prefix = "ema_unet.module." if (use_ema and module.ema_unet is not None) else "unet."
+    unet = build(module.model_config["unet"])
+    unet.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+    return module.pipeline(use_ema=use_ema, unet=unet.to(module.device).eval())

@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
-
 from ldm.tools.export import export_pipeline
+from ldm.training.fsdp import whole_pipeline
 from ldm.training.lora_module import write_run_lora
 
 
@@ -23,12 +22,14 @@ class ExportModelAtEnd(L.Callback):
         self.output_dir = Path(output_dir)
         self.use_ema = use_ema
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         use_ema = self.use_ema and getattr(pl_module, "ema_unet", None) is not None
+        pipeline = whole_pipeline(trainer.strategy.model, pl_module, use_ema=use_ema)  # every rank: FSDP gathers
+        if pipeline is None:  # not rank 0
+            return
         staging = self.output_dir.with_name(f"{self.output_dir.name}.new")
         shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-        written = export_pipeline(pl_module.pipeline(use_ema=use_ema), staging, format="diffusers")
+        written = export_pipeline(pipeline, staging, format="diffusers")
         if self.output_dir.exists():
             shutil.rmtree(self.output_dir)
         written.rename(self.output_dir)

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from ema_pytorch.post_hoc_ema import KarrasEMA, PostHocEMA, sigma_rel_to_gamma, solve_weights
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -57,6 +58,9 @@ class PostHocEMASnapshots(L.Callback):
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):  # its profiles would copy the local shards, not the U-Net
+            raise ValueError("callbacks.posthoc_ema does not run under trainer=fsdp (it keeps whole copies of the "
+                             "U-Net); use trainer=ddp, or the module's own EMA (model.ema_decay)")
         self.ema = PostHocEMA(pl_module.unet, sigma_rels=self.sigma_rels, update_every=1,
                               checkpoint_every_num_steps="manual", checkpoint_folder=str(self.output_dir),
                               checkpoint_dtype=DTYPES[self.dtype])

@@ -10,10 +10,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
-
-from ldm.diffusion.samplers import check_sampler
 from ldm.config_check import check_number
+from ldm.diffusion.samplers import check_sampler
+from ldm.training.fsdp import whole_pipeline
+from ldm.pipeline import TextToImagePipeline
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -36,10 +36,12 @@ class SampleGridLogger(L.Callback):
 
     ``prompts``: the list to sample; None (the default) chooses ``num_prompts`` distinct captions of
     the datamodule's validation data at setup, seeded by ``seed`` (``choose_prompts``), so the grid
-    shows what the run trains on. The demo experiment lists the built-in set's prompts.
+    shows what the run trains on. The demo experiment lists the built-in set's prompts. ``sizes``: one
+    [height, width] per listed prompt (mixed sizes and aspect ratios in one grid, each cell fitted
+    unstretched into its square tile); None: every prompt at ``height`` x ``width``.
 
     Runs after each validation (not the sanity check) and at the end of training, on rank 0, with
-    the module's EMA U-Net through ``pl_module.pipeline()``. The grid goes to every W&B or
+    the module's EMA U-Net through ``pl_module.pipeline()`` (gathered from the shards under FSDP). The grid goes to every W&B or
     TensorBoard logger and to ``{output_dir}/samples/step_NNNNNN.png`` (and ``final.png``).
     """
 
@@ -58,7 +60,14 @@ class SampleGridLogger(L.Callback):
         columns: int = 6,
         tile_size: int = 128,
         batch_size: int | None = None,
+        sizes: list[list[int]] | None = None,
     ) -> None:
+        if sizes is not None:
+            if prompts is None or len(sizes) != len(prompts):
+                raise ValueError(f"callbacks.sample_grid.sizes lists {len(sizes)} [height, width] pairs: give one per "
+                                 f"prompt of callbacks.sample_grid.prompts ({len(prompts or [])} listed)")
+            if not all(len(size) == 2 and min(size) > 0 for size in sizes):
+                raise ValueError(f"callbacks.sample_grid.sizes={sizes} must hold positive [height, width] pairs")
         if prompts is not None and not prompts:
             raise ValueError("callbacks.sample_grid.prompts=[] is empty: list prompts, or null to choose validation captions")
         if num_prompts <= 0:
@@ -78,6 +87,7 @@ class SampleGridLogger(L.Callback):
         self.columns = columns
         self.tile_size = tile_size
         self.batch_size = batch_size
+        self.sizes = [(int(h), int(w)) for h, w in sizes] if sizes is not None else None
         self.last_grid_path: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -85,6 +95,12 @@ class SampleGridLogger(L.Callback):
         choose the prompts from the validation captions when none were listed."""
         if self.sampler is not None:
             check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.sample_grid.sampler")
+        multiple = (int(getattr(getattr(pl_module, "vae", None), "downsample_factor", 1))
+                    * int(getattr(getattr(pl_module, "unet", None), "downsample_factor", 1)))
+        for height, width in self.sizes or [(self.height, self.width)]:
+            if height % multiple or width % multiple:
+                raise ValueError(f"callbacks.sample_grid: {height}x{width} is not a multiple of {multiple} (the VAE's "
+                                 f"x the U-Net's downsampling factor) in each side; choose sides divisible by {multiple}")
         if self.prompts is not None:
             return
         datamodule = trainer.datamodule
@@ -95,20 +111,23 @@ class SampleGridLogger(L.Callback):
         self.prompts = choose_prompts(captions, self.num_prompts, self.seed)
 
     @torch.no_grad()
-    def generate(self, pl_module: L.LightningModule) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] for the callback's prompts."""
-        pipeline = pl_module.pipeline(use_ema=self.use_ema)
-        return pipeline(
-            self.prompts, height=self.height, width=self.width, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, sampler=self.sampler, seed=self.seed, batch_size=self.batch_size,
+    def generate(self, pipeline: TextToImagePipeline) -> list[torch.Tensor]:
+        """Images (3, H, W) in [0, 1] for the callback's prompts, each at its size."""
+        sizes = self.sizes or [(self.height, self.width)] * len(self.prompts)
+        return pipeline.generate_at_sizes(
+            self.prompts, sizes, seed=self.seed, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, sampler=self.sampler, batch_size=self.batch_size,
         )
 
-    @rank_zero_only
-    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path:
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> Path | None:
+        """Sample, save and log the grid ``{output_dir}/{name}.png`` (rank 0; every rank must call it)."""
         was_training = pl_module.training
         pl_module.eval()
-        images = to_pil_images(self.generate(pl_module))
+        pipeline = whole_pipeline(trainer.strategy.model, pl_module, use_ema=self.use_ema)
+        images = to_pil_images(self.generate(pipeline)) if pipeline is not None else None
         pl_module.train(was_training)
+        if images is None:  # not rank 0
+            return None
         grid = captioned_grid(images, self.prompts, columns=self.columns, tile_size=self.tile_size)
         path = self.output_dir / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

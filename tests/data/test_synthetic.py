@@ -146,3 +146,55 @@ def test_invalid_arguments_are_rejected_with_the_value_named(tmp_path):
         write_synthetic_shards(tmp_path, num_samples=0)
     with pytest.raises(ValueError, match="shape='hexagon'"):
         render_scene("hexagon", "red", "white", 0.5, (0.5, 0.5))
+
+
+MULTI_ASPECT = [[32, 32], [32, 64], [64, 32]]
+
+
+def test_multi_aspect_shards_hold_each_size_with_the_shape_in_the_half_its_caption_names(tmp_path):
+    (path,) = write_synthetic_shards(tmp_path, num_samples=162, samples_per_shard=162, sizes=MULTI_ASPECT, seed=4)
+    sizes, positions = Counter(), Counter()
+    for sample in read_shard(path).values():
+        metadata = json.loads(sample["json"])
+        image = Image.open(io.BytesIO(sample["png"]))
+        assert (image.height, image.width) == (metadata["height"], metadata["width"])
+        assert (metadata["original_height"], metadata["original_width"]) == (image.height, image.width)
+        facts = parse_caption(sample["txt"].decode())
+        assert facts.get("position") == metadata.get("position")
+        sizes[image.height, image.width] += 1
+        positions[facts.get("position")] += 1
+        coverage = shape_coverage(metadata["shape"], metadata["size"], metadata["centre"], (image.height, image.width))
+        assert coverage.sum() > 0.1 * image.height * image.width * metadata["size"] ** 2  # drawn, inside the image
+        if image.width > image.height:  # all of the shape in the captioned half
+            half = slice(0, image.width // 2) if facts["position"] == "left" else slice(image.width // 2, None)
+            assert coverage[:, half].sum() == pytest.approx(coverage.sum())
+        elif image.height > image.width:
+            half = slice(0, image.height // 2) if facts["position"] == "top" else slice(image.height // 2, None)
+            assert coverage[half].sum() == pytest.approx(coverage.sum())
+        else:
+            assert "position" not in facts and "position" not in metadata
+    assert set(sizes.values()) == {54}  # one block: every (shape, colour, background) once at each size
+    assert set(positions) == {None, "left", "right", "top", "bottom"}
+
+
+def test_multi_aspect_set_lives_in_its_own_folder_and_leaves_the_square_set_alone(tmp_path):
+    square = ensure_synthetic_dataset(tmp_path, num_train=32, num_val=8, samples_per_shard=32)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "synthetic-32px-0").iterdir()}
+    multi = ensure_synthetic_dataset(tmp_path, num_train=32, num_val=8, samples_per_shard=32, sizes=MULTI_ASPECT)
+    assert "synthetic-32x32-32x64-64x32-0" in multi[0] and "synthetic-32px-0" in square[0]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "synthetic-32px-0").iterdir()} == before
+    assert json.loads((tmp_path / "synthetic-32x32-32x64-64x32-0" / MARKER_NAME).read_text())["sizes"] == MULTI_ASPECT
+
+
+def test_position_captions_round_trip_and_bad_sizes_are_refused_naming_the_key():
+    caption = caption_for("circle", "red", "white", "left")
+    assert caption == "a red circle on the left of a white background"
+    assert parse_caption(caption) == {"shape": "circle", "colour": "red", "background": "white", "position": "left"}
+    with pytest.raises(ValueError, match="position"):
+        parse_caption("a red circle on the middle of a white background")
+    from ldm.data.synthetic import SyntheticSet
+
+    for sizes, message in (([[32, 40]], "too close to square"), ([[4, 32]], "too small"), ([], "distinct"),
+                           ([[32, 64], [32, 64]], "distinct")):
+        with pytest.raises(ValueError, match=rf"data\.synthetic\.sizes.*{message}"):
+            SyntheticSet(data_dir="x", sizes=sizes)

@@ -136,3 +136,19 @@ def test_posthoc_ema_tool_writes_a_model_that_loads_with_the_synthesized_unet(ti
     for key, value in loaded.unet.state_dict().items():
         if key in expected:
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_eval_job_scores_each_size_against_its_own_real_images_and_all_sizes_pooled(tiny_checkpoint, tmp_path):
+    results = run_eval(tmp_path, tiny_checkpoint, "sizes", "+data.synthetic.sizes=[[32,32],[32,64]]",
+                       "eval.sizes=[[32,32],[32,64]]", "eval.memorization=false", "eval.num_samples=8")
+    assert list(results["per_size"]) == ["32x32", "32x64"]
+    wide = results["per_size"]["32x64"]
+    assert wide["num_reference"] + results["per_size"]["32x32"]["num_reference"] == results["reference"]["num_images"]
+    (wide_row,) = wide["rows"]
+    assert wide_row["num_samples"] == 8 and "adherence_position" in wide_row  # wide captions state a position
+    assert "adherence_position" not in results["per_size"]["32x32"]["rows"][0]
+    (overall,) = results["rows"]
+    assert overall["num_samples"] == 16 and overall["fid"] >= 0
+    assert overall["adherence_position"] == wide_row["adherence_position"]  # only the wide images state one
+    assert (tmp_path / "sizes" / "samples_guidance_2.png").is_file()

@@ -72,3 +72,28 @@ def test_a_shape_touching_the_border_does_not_change_the_background():
     """Largest shape pressed into a corner: the border is mostly shape on two sides."""
     image = render_scene("square", "yellow", "black", 0.75, (0.375, 0.375), resolution=32)
     assert classify_scene(image) == {"shape": "square", "colour": "yellow", "background": "black"}
+
+
+def test_classify_scene_reads_non_square_scenes_and_the_half_the_shape_is_in():
+    """Wide and tall scenes of the multi-aspect set, at trained and untrained sizes: >= 99 % per fact and
+    position clean, >= 95 % with blur 0.7 px and noise std 0.05, as for square scenes."""
+    from ldm.data.synthetic import caption_for, parse_caption, sample_multi_aspect_facts
+
+    facts = sample_multi_aspect_facts(324, seed=14, sizes=[[32, 64], [64, 32], [32, 48], [48, 32]], split="classifier")
+    rng = np.random.default_rng(2)
+    clean, degraded = Counter(), Counter()
+    for scene in facts:
+        scene = dict(scene)
+        height, width, position = scene.pop("height"), scene.pop("width"), scene.pop("position")
+        wanted = parse_caption(caption_for(scene["shape"], scene["colour"], scene["background"], position))
+        image = render_scene(resolution=(height, width), **scene)
+        found = classify_scene(image)
+        clean.update(fact for fact in wanted if found[fact] == wanted[fact])
+        blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(0.7))) / 255.0
+        found = classify_scene(np.clip(blurred + rng.normal(0.0, 0.05, blurred.shape), 0.0, 1.0))
+        degraded.update(fact for fact in wanted if found[fact] == wanted[fact])
+    for fact in (*FACTS, "position"):
+        assert clean[fact] / len(facts) >= 0.99, (fact, clean)
+        assert degraded[fact] / len(facts) >= 0.95, (fact, degraded)
+    blank = Image.new("RGB", (64, 32), BACKGROUNDS["gray"])
+    assert classify_scene(blank) == {"shape": "none", "colour": "none", "background": "gray", "position": "none"}

@@ -1,7 +1,8 @@
 """Helper of test_fsdp_cpu.py: the tiny LatentDiffusion under FSDP on 2 CPU ranks (gloo), as UNetFSDPStrategy wraps it.
 
 python tests/training/fsdp_cpu_run.py OUTPUT_DIR. Each rank checks the wrapping and the optimizer, runs
-one training step and one EMA update through the root FSDP module (as Lightning does), and the ranks
+one training step and one EMA update through the root FSDP module (as Lightning does), rank 0 samples the
+EMA model gathered from the shards (as the sample-grid and export callbacks do), and the ranks
 save a sharded checkpoint in Lightning's FSDP layout to OUTPUT_DIR/sharded.ckpt; rank 0 also saves the
 gathered full weights to OUTPUT_DIR/full.pt and what it found to OUTPUT_DIR/report.pt.
 """
@@ -22,9 +23,11 @@ from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from ldm.config import instantiate_module
-from ldm.training.fsdp import fsdp_wrap
+from ldm.training.fsdp import fsdp_wrap, whole_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_PROMPTS = ["a red circle on a white background"]
+SAMPLE_OPTIONS = dict(num_inference_steps=2, guidance_scale=2.0, seed=0)
 
 
 def tiny_module():
@@ -63,6 +66,11 @@ def worker(rank: int, output: str) -> None:
     optimizer.zero_grad()
     module.ema_unet.update_parameters(module.unet)  # element-wise on the local shards
     report["loss"] = float(loss)
+
+    pipeline = whole_pipeline(wrapped, module)  # as the sample-grid and export callbacks call it
+    assert (pipeline is None) == (rank != 0)
+    if rank == 0:
+        report["images"] = pipeline(SAMPLE_PROMPTS, height=32, width=32, **SAMPLE_OPTIONS)
 
     with _get_sharded_state_dict_context(wrapped):
         state = {"model": module.state_dict(), "optimizer_0": FSDP.optim_state_dict(wrapped, optimizer)}

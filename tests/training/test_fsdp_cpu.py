@@ -34,7 +34,7 @@ def test_trainer_fsdp_config_builds_the_unet_strategy_and_lightning_keeps_fsdp_o
 
 
 @pytest.mark.slow
-def test_fsdp_wraps_the_unet_only_and_its_sharded_checkpoint_loads_in_one_process(tmp_path):
+def test_fsdp_wraps_the_unet_only_its_sharded_checkpoint_loads_in_one_process_and_rank_zero_samples_it_whole(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", FSDP_TEST_PORT="29563")
     result = subprocess.run([sys.executable, str(HERE / "fsdp_cpu_run.py"), str(tmp_path)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=400)
@@ -66,3 +66,8 @@ def test_fsdp_wraps_the_unet_only_and_its_sharded_checkpoint_loads_in_one_proces
     # The first EMA update (made on the shards) copies the weights: the gathered EMA equals the U-Net.
     for key, value in single.unet.state_dict().items():
         torch.testing.assert_close(single.ema_unet.module.state_dict()[key], value, rtol=0, atol=0)
+    # Rank 0's images from the gathered EMA U-Net are the consolidated model's images.
+    from tests.training.fsdp_cpu_run import SAMPLE_OPTIONS, SAMPLE_PROMPTS
+
+    expected = single.pipeline(use_ema=True)(SAMPLE_PROMPTS, height=32, width=32, **SAMPLE_OPTIONS)
+    torch.testing.assert_close(report["images"], expected, rtol=0, atol=1e-6)

@@ -102,3 +102,14 @@ def test_a_resumed_run_continues_the_profiles_exactly(tmp_path):
         resumed = torch.load(tmp_path / "resumed" / "ema" / f"{profile}.80.pt", weights_only=True)
         for key, value in straight.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_posthoc_ema_refuses_fsdp_at_fit_start(tmp_path):
+    """Under FSDP the module holds shards, which the profiles would copy as if they were the U-Net."""
+    from types import SimpleNamespace
+
+    from ldm.training.fsdp import UNetFSDPStrategy
+
+    callback = PostHocEMASnapshots(output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="posthoc_ema does not run under trainer=fsdp"):
+        callback.on_fit_start(SimpleNamespace(strategy=UNetFSDPStrategy()), None)

@@ -113,3 +113,26 @@ def test_bad_options_are_refused_in_one_line_naming_the_key(options, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as error:
         SampleGridLogger(output_dir="unused", height=32, width=32, **options)
     assert "\n" not in str(error.value)
+
+
+def test_prompts_may_carry_their_own_sizes_and_the_grid_keeps_each_aspect_ratio(tmp_path):
+    from ldm.visualization import captioned_grid
+
+    callback = SampleGridLogger(output_dir="unused", height=32, width=32, prompts=["a", "b"], sizes=[[32, 64], [64, 32]])
+    assert callback.sizes == [(32, 64), (64, 32)]
+    with pytest.raises(ValueError, match=r"callbacks\.sample_grid\.sizes lists 1 .* one per prompt"):
+        SampleGridLogger(output_dir="unused", height=32, width=32, prompts=["a", "b"], sizes=[[32, 64]])
+    wide = Image.new("RGB", (64, 32), (255, 0, 0))
+    tall = Image.new("RGB", (32, 64), (0, 0, 255))
+    grid = captioned_grid([wide, tall], ["wide", "tall"], columns=2, tile_size=64)
+    pixels = grid.load()
+    # Each image fills its cell's width or height, not both: the rest of the square cell is padding.
+    assert pixels[4 + 32, 4 + 24] == (255, 0, 0) and pixels[4 + 32, 4 + 4] == (255, 255, 255)
+    assert pixels[4 + 68 + 32, 4 + 32] == (0, 0, 255) and pixels[4 + 68 + 4, 4 + 32] == (255, 255, 255)
+
+
+def test_a_grid_size_the_model_cannot_generate_is_refused_at_setup():
+    callback = SampleGridLogger(output_dir="unused", height=32, width=32, prompts=["a"], sizes=[[32, 40]])
+    module = SimpleNamespace(vae=SimpleNamespace(downsample_factor=4), unet=SimpleNamespace(downsample_factor=4))
+    with pytest.raises(ValueError, match=r"callbacks\.sample_grid: 32x40 is not a multiple of 16"):
+        callback.setup(SimpleNamespace(datamodule=None), module, "fit")
