@@ -83,3 +83,14 @@ def test_misconfigured_sdxl_parts_stop_at_start_up_naming_the_key():
     with pytest.raises(ValueError, match=r"size_conditions=\['original_size', 'crop_coords', 'target_size'\].*"
                                          r"data.buckets"):
         module.setup("fit")
+
+
+def test_demo_xl_composes_an_sdxl_style_model_on_the_multi_aspect_set_with_crops():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo_xl"])
+    assert cfg.model.unet.adm_in_channels == 128 and cfg.model.text_encoder.pooled_encoder == 1
+    buckets = [list(bucket) for bucket in cfg.data.buckets]
+    assert buckets == [[32, 32], [32, 64], [64, 32]]
+    # 32x96 and 96x32 scenes go to the 32x64 / 64x32 buckets and are cropped there: crop offsets to learn from
+    assert [32, 96] in [list(size) for size in cfg.data.synthetic.sizes] and cfg.data.bucket_crop == "random"
