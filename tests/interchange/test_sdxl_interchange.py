@@ -136,3 +136,38 @@ def test_an_sdxl_file_starts_a_finetune_with_its_unet_vae_and_both_towers(tmp_pa
                            theirs.tower.transformer.resblocks[0].attn.in_proj_weight)
     # frozen towers that come from the file are left out of the run's checkpoints
     assert "text_encoder." in finetune._weights_from_files()
+
+
+@pytest.mark.slow
+def test_a_demo_xl_run_exports_a_folder_that_stable_diffusion_xl_pipeline_samples_as_ldm(tmp_path):
+    """A 3-step experiment=demo_xl run through train.py (bucketed multi-aspect data, micro-conditioning) ends by
+    writing its model folder; diffusers' SDXL pipeline generates ldm's images from it at each aspect ratio."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, build_module
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    save_weights(build_module().vae, tmp_path / "models" / "demo" / "vae.safetensors",
+                 metadata={"latent_scale_factor": 0.8})
+    env = dict(os.environ, LDM_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    result = subprocess.run([
+        sys.executable, "train.py", "experiment=demo_xl", "logger=none", "trainer.max_steps=3", "trainer.max_time=null",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "data.synthetic.num_train=135",
+        "data.synthetic.num_val=27", "data.synthetic.samples_per_shard=135", "data.batch_size=8",
+        "data.val_batch_size=8", "data.num_workers=0", "callbacks.sample_grid.num_inference_steps=2",
+    ], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = tmp_path.glob("outputs/train/demo_xl/*/model")
+    ours = TextToImagePipeline.from_pretrained(folder)
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    for height, width in ((32, 32), (32, 64), (64, 32)):
+        expected = ours(PROMPTS, height=height, width=width, num_inference_steps=6, guidance_scale=2.0,
+                        sampler="ddim", seed=[3, 4], steps_offset=1)
+        images = theirs(PROMPTS, height=height, width=width, num_inference_steps=6, guidance_scale=2.0,
+                        output_type="pt", latents=ours.initial_noise([3, 4], height, width)).images
+        assert expected.std() > 0.05
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
