@@ -6,22 +6,24 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ldm.config_check import build_options
+from ldm.data.buckets import BUCKET_CROPS, BucketGrid, cover_scale, resolve_buckets
 from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters, caption_candidates
 from ldm.data.latents import LatentTextDataset
-from ldm.data.resume import SkipAhead, batches_per_worker
+from ldm.data.resume import StreamPosition, batches_per_worker, first_worker_after
 from ldm.data.shards import (
     MODES,
     ShardStream,
-    collate_samples,
     expand_shards,
     image_text_dataset,
     read_tar_samples,
@@ -59,8 +61,12 @@ def existing_shards(spec: str, name: str) -> list[str]:
 class ShardDataModule(L.LightningDataModule):
     """Training and validation dataloaders over WebDataset shards (img2dataset layout).
 
-    Batches: ``{"image": (B, 3, resolution, resolution) float in [-1, 1], "caption": list[str],
-    "key": list[str], "original_size": (B, 2) long, "crop_coords": (B, 2) long, "skipped": {reason: count}}``.
+    Batches: ``{"image": (B, 3, H, W) float in [-1, 1], "caption": list[str], "key": list[str],
+    "original_size": (B, 2) long (source h, w), "crop_coords": (B, 2) long (top, left), "target_size":
+    (B, 2) long (H, W), "skipped": {reason: count}, "stream_position": dict}``: H = W = ``resolution``,
+    or with ``buckets`` (a list of [height, width], or a ``BucketGrid`` / its mapping; see
+    ``ldm.data.buckets``) one bucket per batch, each image in the bucket nearest its aspect ratio,
+    cropped at random (``bucket_crop="random"``, training) or centred.
 
     Training (``train_mode="resampled"``) reads an endless, shuffled stream of each rank's own shards,
     cut into epochs of ``train_epoch_length`` samples per rank (full batches only; the same number of
@@ -73,8 +79,10 @@ class ShardDataModule(L.LightningDataModule):
     given and ``train_shards`` is not, the built-in set is generated in ``prepare_data`` and used;
     its validation shards are used unless ``val_shards`` is given.
 
-    Exact resume: the training batches consumed per rank are counted and saved in checkpoints
-    (``state_dict``); a resumed run's stream continues from that position (``ldm.data.resume``).
+    Exact resume: the training batches consumed per rank, and each loader worker's stream position
+    after its last consumed batch, are saved in checkpoints (``state_dict``, gathered from every rank);
+    a resumed run's stream continues from there without decoding what was consumed (``ldm.data.resume``).
+    ``bucket_report()``: training samples per bucket, and how many were upscaled more than 2x.
     """
 
     def __init__(
@@ -97,6 +105,8 @@ class ShardDataModule(L.LightningDataModule):
         filters: MetadataFilters | Mapping[str, Any] | None = None,
         max_skip_rate: float | None = None,
         skip_rate_min_samples: int = 1000,
+        buckets: list[list[int]] | BucketGrid | None = None,
+        bucket_crop: str = "random",
     ) -> None:
         super().__init__()
         if train_mode not in MODES:
@@ -129,6 +139,10 @@ class ShardDataModule(L.LightningDataModule):
                 f"{max(1, num_workers)} loader worker(s) a full batch of {batch_size}; "
                 f"set it to at least {batch_size * max(1, num_workers)}"
             )
+        if bucket_crop not in BUCKET_CROPS:
+            raise ValueError(f"data.bucket_crop={bucket_crop!r} is unknown; choose one of {BUCKET_CROPS}")
+        self.buckets = resolve_buckets(buckets, resolution, "data.buckets")
+        self.bucket_crop = bucket_crop
         if train_shards is None and synthetic is None:
             raise ValueError(
                 "no training data: set data.train_shards (e.g. '/data/laion/{00000..00099}.tar') "
@@ -155,6 +169,10 @@ class ShardDataModule(L.LightningDataModule):
         self.train_urls: list[str] | list[list[str]] | None = None
         self.val_urls: list[str] | None = None
         self.train_batches_consumed = 0  # per rank, over the whole run (restored on resume)
+        self.stream_positions: dict[int, StreamPosition] = {}  # per loader worker: after its last consumed batch
+        self.last_worker: int | None = None  # the worker of the last consumed batch
+        self.bucket_counts: Counter[tuple[int, int]] = Counter()  # training samples per (height, width)
+        self.upscaled_counts: Counter[tuple[int, int]] = Counter()  # of which upscaled by more than 2x
 
     def _uses_synthetic(self) -> bool:
         return self.synthetic is not None and self.train_shards is None
@@ -199,11 +217,10 @@ class ShardDataModule(L.LightningDataModule):
                     captions.append(candidates[0])
         return captions
 
-    def _loader(self, dataset: torch.utils.data.IterableDataset, batch_size: int, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-        )
+    def _loader(self, dataset: ShardStream) -> DataLoader:
+        # The stream batches (by bucket) in each worker; the loader only moves the batches.
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def stream_options(self) -> dict[str, Any]:
         """Keyword arguments of ``ShardStream`` shared by training and validation."""
@@ -211,15 +228,17 @@ class ShardDataModule(L.LightningDataModule):
                     skip_rate_min_samples=self.skip_rate_min_samples)
 
     def dataset(self, urls: list, train: bool) -> ShardStream:
-        """The training (``train``) or validation stream over ``urls``."""
+        """The training (``train``; full batches only) or validation stream of batches over ``urls``."""
+        images = dict(buckets=self.buckets, bucket_crop=self.bucket_crop)
         if train:
             return image_text_dataset(
                 urls, self.resolution, train=True, mode=self.train_mode, source_weights=self.train_shard_weights,
                 caption_dropout_prob=self.caption_dropout_prob, shuffle_buffer=self.shuffle_buffer,
                 epoch_length=self.train_epoch_length, random_crop=self.random_crop, random_flip=self.random_flip,
-                **self.stream_options(),
+                batch_size=self.batch_size, drop_last=True, **images, **self.stream_options(),
             )
-        return image_text_dataset(urls, self.resolution, train=False, **self.stream_options())
+        return image_text_dataset(urls, self.resolution, train=False, batch_size=self.val_batch_size, **images,
+                                  **self.stream_options())
 
     def train_dataloader(self) -> DataLoader | EndTogether:
         """Resampled: an endless shuffled stream of this rank's shards, ``train_epoch_length`` samples
@@ -228,48 +247,93 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("fit")
         dataset = self.dataset(self.train_urls, train=True)
         if self.train_batches_consumed:
-            dataset = self._continued(dataset)
-        # Each worker batches its own samples: dropping partial batches keeps the batch count equal on all ranks.
-        loader = self._loader(dataset, self.batch_size, drop_last=True)
+            self._continue(dataset)
+        loader = self._loader(dataset)
         return EndTogether(loader) if self.train_mode == "exactly_once" else loader
 
-    def _continued(self, dataset: ShardStream) -> torch.utils.data.IterableDataset:
-        """The training stream from the restored position: resampled streams continue exactly where they
-        were; an exactly-once stream has no fixed epoch length, so it starts a new pass over its shards."""
+    def _continue(self, dataset: ShardStream) -> None:
+        """Point the training stream at the restored position: a resampled stream continues exactly where it
+        was; an exactly-once stream has no fixed epoch length, so it starts a new pass over its shards."""
         if self.train_mode != "resampled":
             logger.warning("resuming an exactly-once training stream after %d batches: it starts a new pass over "
                            "its shards (only data.train_mode=resampled continues at the exact sample)",
                            self.train_batches_consumed)
-            return dataset
+            return
         per_epoch = sum(batches_per_worker(self.train_epoch_length, self.num_workers, self.batch_size))
         epoch, batches_into_epoch = divmod(self.train_batches_consumed, per_epoch)
-        return SkipAhead(dataset, epoch, batches_into_epoch, self.batch_size, self.num_workers)
+        first_worker = first_worker_after(self.last_worker, self.num_workers) if batches_into_epoch else 0
+        dataset.continue_from(epoch, self.stream_positions, first_worker)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
+        position = batch.pop("stream_position", None) if isinstance(batch, dict) else None
+        if self.trainer is None or self.trainer.training:  # no trainer: a training loop of the caller's
             self.train_batches_consumed += 1
+            if position is not None:
+                saved = StreamPosition.from_dict(position)
+                self.stream_positions[saved.worker] = saved
+                self.last_worker = saved.worker
+            if "target_size" in batch:
+                self._count_buckets(batch)
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """The training stream's position (batches per rank) and the settings it depends on."""
+    def _count_buckets(self, batch: dict) -> None:
+        for target, original in zip(batch["target_size"].tolist(), batch["original_size"].tolist()):
+            bucket = (int(target[0]), int(target[1]))
+            self.bucket_counts[bucket] += 1
+            if min(original) > 0 and cover_scale(original[0], original[1], bucket) > 2:
+                self.upscaled_counts[bucket] += 1
+
+    def bucket_report(self) -> dict[str, Any]:
+        """Training samples per bucket on this rank so far (this run and those it resumed), and how many of
+        them were upscaled by more than 2x to cover their bucket: ``{"buckets": [{"height", "width",
+        "samples", "upscaled_over_2x"}], "samples", "upscaled_over_2x"}``."""
+        rows = [{"height": h, "width": w, "samples": self.bucket_counts[(h, w)],
+                 "upscaled_over_2x": self.upscaled_counts[(h, w)]}
+                for h, w in sorted(self.bucket_counts, key=lambda bucket: bucket[1] / bucket[0])]
+        return {"buckets": rows, "samples": sum(self.bucket_counts.values()),
+                "upscaled_over_2x": sum(self.upscaled_counts.values())}
+
+    def _settings(self) -> dict[str, Any]:
         world_size = self.trainer.world_size if self.trainer is not None else rank_and_world_size()[1]
-        return {"train_batches_consumed": self.train_batches_consumed, "batch_size": self.batch_size,
-                "num_workers": self.num_workers, "train_epoch_length": self.train_epoch_length,
-                "world_size": world_size}
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                "train_epoch_length": self.train_epoch_length, "world_size": world_size,
+                "buckets": [list(bucket) for bucket in self.buckets] if self.buckets is not None else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (batches per rank; every rank's worker positions, gathered here:
+        Lightning calls this on every rank and rank 0 writes it), the bucket counts, and the settings."""
+        own = {"workers": [position.as_dict() for _, position in sorted(self.stream_positions.items())],
+               "last_worker": self.last_worker,
+               "bucket_counts": [[h, w, self.bucket_counts[(h, w)], self.upscaled_counts[(h, w)]]
+                                 for h, w in sorted(self.bucket_counts)]}
+        ranks = [own]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+        return {"train_batches_consumed": self.train_batches_consumed, **self._settings(), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where the checkpoint left it (the same settings give the same stream)."""
-        world_size = self.trainer.world_size if self.trainer is not None else rank_and_world_size()[1]
-        saved = {key: state_dict[key] for key in ("batch_size", "num_workers", "train_epoch_length", "world_size")}
-        now = {"batch_size": self.batch_size, "num_workers": self.num_workers,
-               "train_epoch_length": self.train_epoch_length, "world_size": world_size}
+        now = self._settings()
+        saved = {key: state_dict.get(key) for key in now}
         changed = {key: (saved[key], now[key]) for key in saved if saved[key] != now[key]}
-        if changed:
-            logger.warning("resuming with changed data settings %s (saved, now): the stream continues at the "
-                           "same sample count but will not match an uninterrupted run",
-                           {f"data.{k}" if k != "world_size" else k: v for k, v in changed.items()})
         samples_per_rank = int(state_dict["train_batches_consumed"]) * int(saved["batch_size"])
         self.train_batches_consumed = samples_per_rank // self.batch_size
+        rank = self.trainer.global_rank if self.trainer is not None else rank_and_world_size()[0]
+        ranks = state_dict.get("ranks") or []
+        if changed or rank >= len(ranks):
+            logger.warning("resuming with changed data settings %s (saved, now): the stream starts its current epoch "
+                           "again and will not match an uninterrupted run",
+                           {f"data.{k}" if k != "world_size" else k: v for k, v in changed.items()})
+            return
+        own = ranks[rank]
+        self.stream_positions = {int(p["worker"]): StreamPosition.from_dict(p) for p in own["workers"]}
+        self.last_worker = own["last_worker"]
+        if rank == 0:  # the counts of every rank, summed once
+            for other in ranks:
+                for h, w, samples, upscaled in other.get("bucket_counts", []):
+                    self.bucket_counts[(h, w)] += samples
+                    self.upscaled_counts[(h, w)] += upscaled
 
     def val_dataloader(self) -> DataLoader | list:
         """Every validation sample once across ranks and workers; ``[]`` (no validation) without val shards."""
@@ -277,7 +341,7 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("validate")
         if not self.val_urls:
             return []
-        return self._loader(self.dataset(self.val_urls, train=False), self.val_batch_size, drop_last=False)
+        return self._loader(self.dataset(self.val_urls, train=False))
 
 
 class LatentShardDataModule(ShardDataModule):
@@ -293,6 +357,9 @@ class LatentShardDataModule(ShardDataModule):
 
     def __init__(self, train_shards: str | list[str], val_shards: str | None = None, use_text_states: bool = False,
                  **options) -> None:
+        if options.get("buckets") is not None:
+            raise ValueError("data.buckets does not apply to data=latents: the latents keep the sizes they were "
+                             "made at (precompute_latents --buckets); set data.buckets=null")
         super().__init__(train_shards=train_shards, val_shards=val_shards, **options)
         self.use_text_states = use_text_states
 
@@ -302,6 +369,8 @@ class LatentShardDataModule(ShardDataModule):
             return LatentTextDataset(
                 urls, train=True, mode=self.train_mode, use_text_states=self.use_text_states,
                 source_weights=self.train_shard_weights, caption_dropout_prob=self.caption_dropout_prob,
-                shuffle_buffer=self.shuffle_buffer, epoch_length=self.train_epoch_length, **self.stream_options(),
+                shuffle_buffer=self.shuffle_buffer, epoch_length=self.train_epoch_length,
+                batch_size=self.batch_size, drop_last=True, **self.stream_options(),
             )
-        return LatentTextDataset(urls, train=False, use_text_states=self.use_text_states, **self.stream_options())
+        return LatentTextDataset(urls, train=False, use_text_states=self.use_text_states,
+                                 batch_size=self.val_batch_size, **self.stream_options())

@@ -119,6 +119,11 @@ class DreamBoothDataModule(ShardDataModule):
                                        torch.ones(len(chosen), dtype=torch.bool)]).to(images.device)
         batch["image"] = torch.cat([images, class_images])
         batch["caption"] = list(batch["caption"]) + [self.class_captions[i] for i in chosen.tolist()]
+        size = torch.tensor(class_images.shape[-2:], dtype=torch.long)  # class images are whole, uncropped
+        for name, value in (("original_size", size), ("crop_coords", torch.zeros(2, dtype=torch.long)),
+                            ("target_size", size)):
+            if name in batch:
+                batch[name] = torch.cat([batch[name], value.to(batch[name].device).expand(len(chosen), 2)])
         return batch
 
 

@@ -4,8 +4,9 @@ A latent shard keeps the keys, captions and JSON of its image shard; per sample:
 ``KEY.latent_mean.npy`` and ``KEY.latent_std.npy`` (the VAE posterior, (C, h, w) float16, unscaled,
 so training still draws ``mean + std * eps`` like the VAE path), optionally ``KEY.text_states.npy``
 (the frozen text encoder's output for the caption, (L, D) float16), ``KEY.txt`` and ``KEY.json``
-(the image's metadata plus ``original_size`` and ``crop_coords``). A folder of latent shards holds
-``latents.json``: the VAE and text encoder configs and the resolution they were made with.
+(the image's metadata plus ``original_size``, ``crop_coords`` and ``target_size``, the pixel size it was
+encoded at: its bucket's). A folder of latent shards holds ``latents.json``: the VAE and text encoder
+configs, the resolution and the buckets they were made with.
 """
 
 from __future__ import annotations
@@ -61,16 +62,16 @@ class LatentTextDataset(ShardStream):
     dropout, skip counting and skip-rate ceiling are those of ``ShardStream``.
 
     Each sample: ``{"latent_mean", "latent_std": (C, h, w) float32, "caption": str, "key": str,
-    "original_size", "crop_coords": (2,) long, ["text_states": (L, D) float32 when use_text_states],
-    "skipped": {reason: count}}``. A sample whose arrays are unreadable, of another shape than the
-    stream's first, or lacking text states that ``use_text_states`` asks for, is skipped as ``corrupt_latent``.
+    "original_size", "crop_coords", "target_size": (2,) long, ["text_states": (L, D) float32 when
+    use_text_states], "skipped": {reason: count}}``. Samples of several stored sizes (buckets) batch by
+    shape (``batch_size``). A sample whose arrays are unreadable, non-finite, whose mean and std differ
+    in shape, or lacking text states that ``use_text_states`` asks for, is skipped as ``corrupt_latent``.
     """
 
     def __init__(self, shards: str | Sequence[str] | Sequence[Sequence[str]], train: bool, mode: str | None = None,
                  use_text_states: bool = False, **stream_options) -> None:
         super().__init__(shards, mode or ("resampled" if train else "exactly_once"), augment=train, **stream_options)
         self.use_text_states = use_text_states
-        self._shapes: tuple | None = None
 
     def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
         """Latent arrays -> tensors; None (counted as ``corrupt_latent``) when unusable."""
@@ -88,17 +89,17 @@ class LatentTextDataset(ShardStream):
             counter.add("corrupt_latent", f"{where}: {type(error).__name__}: {error}", shard=url)
             return None
         shapes = tuple(array.shape for array in arrays)
-        if self._shapes is None:
-            self._shapes = shapes
-        if shapes != self._shapes or not all(np.isfinite(array).all() for array in arrays):
-            counter.add("corrupt_latent", f"{where}: shapes {shapes} (expected {self._shapes}) or non-finite values",
+        if shapes[0] != shapes[1] or len(shapes[0]) != 3 or not all(np.isfinite(array).all() for array in arrays):
+            counter.add("corrupt_latent", f"{where}: mean and std of shapes {shapes[:2]} or non-finite values",
                         shard=url)
             return None
+        resolution = metadata.get("resolution", 0)
         sample = {
             "latent_mean": torch.from_numpy(arrays[0].astype(np.float32)),
             "latent_std": torch.from_numpy(arrays[1].astype(np.float32)),
             "original_size": torch.tensor(metadata.get("original_size", [0, 0]), dtype=torch.long),
             "crop_coords": torch.tensor(metadata.get("crop_coords", [0, 0]), dtype=torch.long),
+            "target_size": torch.tensor(metadata.get("target_size", [resolution, resolution]), dtype=torch.long),
         }
         if self.use_text_states:
             sample["text_states"] = torch.from_numpy(arrays[2].astype(np.float32))

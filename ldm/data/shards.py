@@ -9,12 +9,18 @@ naming (``base_plus_ext``).
     sources ── split by rank ── split by worker ── tar members grouped by key
       ── mode "resampled": endless reshuffled passes per source, mixed by weight, shuffle buffer
          mode "exactly_once": every sample once over all ranks and workers, in shard order
-      ── metadata filters ── decode (JPEG draft), resize, crop, flip, caption choice and dropout
-      ── skip counts attached ── skip-rate ceiling ── (resampled: cut to the epoch length)
+      ── metadata filters ── decode (JPEG draft), bucket, resize, crop, flip, caption choice and dropout
+      ── skip-rate ceiling ── samples, or (``batch_size``) batches of one bucket each
+      ── (resampled: cut to the epoch length)
 
-Skip counts travel with the samples: ``sample["skipped"]`` holds what its worker dropped since
-its previous sample, and ``collate_samples`` sums them into ``batch["skipped"]``, so the training
-process sees the counts of every dataloader worker.
+The order of the stream (shard permutations, source mixing, the shuffle buffer) draws from one
+generator per (seed, rank, worker, epoch); each sample's own draws from a generator seeded by that
+and its position in the stream, so a resumed stream can walk over what was consumed without
+decoding it (``ldm.data.resume``).
+
+Skip counts travel with the data: ``sample["skipped"]`` (or ``batch["skipped"]``) holds what its
+worker dropped since its previous sample (batch), and ``collate_samples`` sums them, so the
+training process sees the counts of every dataloader worker.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from ldm.data.buckets import BUCKET_CROPS, Bucket, BucketBatcher, nearest_bucket
 from ldm.data.filters import MetadataFilters, caption_candidates, choose_caption
+from ldm.data.resume import StreamPosition, batches_per_worker, load_indexed_sample, tar_index
 from ldm.data.skips import SkipCounter
 from ldm.data.transforms import decode_rgb, open_image, resize_and_crop, to_tensor
 from ldm.ranks import rank_and_world_size
@@ -108,7 +116,7 @@ class _TailRecorder:
 
 
 def read_tar_samples(
-    url: str, skip_counter: SkipCounter, count_shard_errors: bool = True
+    url: str, skip_counter: SkipCounter, count_shard_errors: bool = True, start: int = 0
 ) -> Iterator[dict[str, bytes | str]]:
     """Raw samples of one tar shard: ``{"__key__", "__url__", ext: bytes, ...}``, files grouped by key.
 
@@ -116,6 +124,7 @@ def read_tar_samples(
     way (truncated or damaged tar) ends the shard as ``truncated_tar`` and drops the sample whose
     file it cut (a sample whose files were all read before the cut is still yielded).
     ``count_shard_errors=False``: such errors are not counted (another reader of the shard counts them).
+    ``start``: the byte offset of a member header to begin at (a seekable local shard).
     """
 
     def shard_error(reason: str, error: Exception) -> None:
@@ -123,7 +132,10 @@ def read_tar_samples(
             skip_counter.add(reason, f"{url}: {type(error).__name__}: {error}", shard=url)
 
     try:
-        stream = _TailRecorder(gopen(url))
+        opened = gopen(url)
+        if start:
+            opened.seek(start)
+        stream = _TailRecorder(opened)
     except Exception as error:  # missing file, no permission, failed command...
         shard_error("unreadable_shard", error)
         return
@@ -184,6 +196,44 @@ def _close_quietly(stream) -> None:
         pass
 
 
+class _ReadMode:
+    """Shared by a stream's shard readers: while ``skipping``, local shards give their samples from
+    the tar headers alone (``tar_index``), and decoding is not asked of them."""
+
+    def __init__(self, skipping: bool = False) -> None:
+        self.skipping = skipping
+
+
+def _shard_samples(url: str, counter: SkipCounter, read_mode: _ReadMode) -> Iterator[dict]:
+    """``read_tar_samples(url)``; while ``read_mode.skipping``, header-only entries where the shard allows."""
+    index = tar_index(url) if read_mode.skipping else None
+    if index is None:
+        yield from read_tar_samples(url, counter)
+        return
+    for entry in index:
+        if not read_mode.skipping:  # reading from here on: hand over to the reader at this sample's header
+            yield from read_tar_samples(url, counter, start=entry["__offset__"])
+            return
+        yield entry
+
+
+def _fast_forward(items: Iterator[tuple[int, dict]], position: int, keep: set[int]) -> list[tuple[int, dict]]:
+    """Take the first ``position`` items of a positioned stream, returning those at the ``keep`` positions."""
+    kept = []
+    for index, raw in itertools.islice(items, position):
+        if index in keep:
+            kept.append((index, raw))
+    return kept
+
+
+class _Continuation:
+    """Where a resumed stream's first iteration starts: its epoch, each worker's saved position, and the
+    offset that rotates worker roles so a new DataLoader's round robin continues the old one."""
+
+    def __init__(self, positions: dict[int, StreamPosition], first_worker: int) -> None:
+        self.positions = positions
+        self.first_worker = first_worker
+
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -206,6 +256,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         caption_dropout_prob: float = 0.0,
         max_skip_rate: float | None = None,
         skip_rate_min_samples: int = 1000,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -221,6 +273,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"max_skip_rate={max_skip_rate} must lie in (0, 1] (e.g. 0.2), or None for no ceiling")
         if skip_rate_min_samples < 1:
             raise ValueError(f"skip_rate_min_samples={skip_rate_min_samples} must be >= 1")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive, or None to yield samples")
         self.sources, self.source_weights = expand_sources(shards, source_weights)
         self.urls = [url for source in self.sources for url in source]
         if (rank is None) != (world_size is None):
@@ -248,31 +302,119 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.filters = filters or MetadataFilters()
         self.max_skip_rate = max_skip_rate
         self.skip_rate_min_samples = skip_rate_min_samples
+        self.batch_size = batch_size
+        self.drop_last = drop_last
         self.epoch = 0  # advanced by each __iter__ in the process that runs it (persistent workers keep it)
+        self._continuation: _Continuation | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the random stream of the next iteration (for non-persistent workers, which start from a copy)."""
         self.epoch = epoch
 
+    def continue_from(self, epoch: int, positions: dict[int, StreamPosition], first_worker: int = 0) -> None:
+        """Make the next iteration (in each process: every dataloader worker holds a copy) continue epoch
+        ``epoch`` from ``positions`` (each worker's last ``batch["stream_position"]``; a worker without one
+        starts the epoch), the workers' roles rotated by ``first_worker`` (``resume.first_worker_after``)."""
+        if self.batch_size is None or self.mode != "resampled":
+            raise ValueError("only a resampled stream that yields batches (batch_size) can continue from a position")
+        self.epoch = epoch
+        self._continuation = _Continuation(positions, first_worker)
+
+    def bucket_key(self, sample: dict) -> tuple:
+        """Samples batch together when their tensors have the same shapes (the same bucket)."""
+        return tuple((name, tuple(value.shape)) for name, value in sample.items() if isinstance(value, torch.Tensor))
+
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker_id_and_count()
-        rng = np.random.default_rng([self.seed, self.rank, worker, self.epoch])
+        physical_worker, num_workers = _worker_id_and_count()
+        epoch = self.epoch
         self.epoch += 1
+        continuation, self._continuation = self._continuation, None
+        worker, start = physical_worker, None
+        if continuation is not None:
+            worker = (physical_worker + continuation.first_worker) % num_workers
+            saved = continuation.positions.get(worker)
+            start = saved if saved is not None and saved.epoch == epoch else None
         counter = self.skip_counter if self.skip_counter is not None else SkipCounter()
         counter.take_new()  # counts from an earlier iteration were reported there
+        start_totals = (counter.damage_total, counter.shard_damage_total)
+        order_rng = np.random.default_rng([self.seed, self.rank, worker, epoch])
+        read_mode = _ReadMode(skipping=start is not None)
         if self.mode == "resampled":
-            samples = self._resampled_samples(worker, num_workers, rng, counter)
+            raw = self._resampled_samples(worker, num_workers, order_rng, counter, read_mode)
         else:
-            samples = self._exactly_once_samples(worker, num_workers, counter)
-        samples = self._decoded(samples, rng if self.augment else None, counter, worker)
-        samples = _attach_skip_counts(samples, counter)
+            raw = self._exactly_once_samples(worker, num_workers, counter)
+        items: Iterator[tuple[int, dict]] = enumerate(raw)
+        kept: list[tuple[int, dict]] = []
+        if start is not None:  # walk over the consumed samples: their order only, no decoding, no counts
+            counter.muted = True
+            try:
+                kept = _fast_forward(items, start.position, set(start.pending))
+            finally:
+                counter.muted = False
+            read_mode.skipping = False
+            counter.update(start.skipped)  # for the skip-rate ceiling; reported before, so not again
+            counter.take_new()
+            items = itertools.chain(kept, items)
+        draw_seed = (self.seed, self.rank, worker, epoch) if self.augment else None
+        read_before = start.position - len(kept) if start is not None else 0
+        samples = self._decoded(items, draw_seed, counter, worker, start_totals, read_before)
+        if self.batch_size is None:
+            samples = _attach_skip_counts((sample for _, sample in samples), counter)
+            if self.epoch_length is not None:
+                per_worker = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
+                samples = itertools.islice(samples, per_worker)
+            yield from samples
+            return
+        limit = None
         if self.epoch_length is not None:
-            per_worker = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
-            samples = itertools.islice(samples, per_worker)
-        yield from samples
+            limit = batches_per_worker(self.epoch_length, num_workers, self.batch_size)[worker]
+        yield from self._batches(samples, counter, epoch, worker, start, limit)
+
+    def _batches(self, samples: Iterator[tuple[int, dict]], counter: SkipCounter, epoch: int, worker: int,
+                 start: StreamPosition | None, limit: int | None) -> Iterator[dict]:
+        """Collated batches of ``batch_size`` samples of one bucket, each with ``"stream_position"``.
+
+        A formed batch is held until the next one forms (or the stream ends), so the skips counted in
+        between (and after the last) travel with it; the last batch of an epoch goes out at once.
+        """
+        batcher = BucketBatcher(self.batch_size)
+        epoch_counts: Counter[str] = Counter(start.skipped if start is not None else {})
+        produced = start.batches if start is not None else 0
+        if limit is not None and produced >= limit:
+            return
+
+        def finish(members: list[tuple[int, dict]], position: int, pending: list[int]) -> dict:
+            nonlocal produced
+            produced += 1
+            new = counter.take_new()
+            epoch_counts.update(new)
+            batch = collate_samples([sample for _, sample in members])
+            batch["skipped"] = new
+            batch["stream_position"] = StreamPosition(
+                epoch, worker, position, sorted(pending), produced, dict(epoch_counts)).as_dict()
+            return batch
+
+        held: list[tuple[int, dict]] | None = None
+        last_position = start.position - 1 if start is not None else -1
+        for position, sample in samples:
+            last_position = position
+            formed = batcher.add(position, self.bucket_key(sample), sample)
+            if formed is None:
+                continue
+            if held is not None:
+                yield finish(held, position + 1, batcher.pending() + [p for p, _ in formed])
+            if limit is not None and produced == limit - 1:
+                yield finish(formed, position + 1, batcher.pending())
+                return
+            held = formed
+        if held is not None:
+            yield finish(held, last_position + 1, batcher.pending())
+        if not self.drop_last:
+            for members in batcher.leftovers():
+                yield finish(members, last_position + 1, batcher.pending())
 
     def _resampled_samples(
-        self, worker: int, num_workers: int, rng: np.random.Generator, counter: SkipCounter
+        self, worker: int, num_workers: int, rng: np.random.Generator, counter: SkipCounter, read_mode: _ReadMode
     ) -> Iterator[dict]:
         streams = []
         for source in self.sources:
@@ -280,17 +422,18 @@ class ShardStream(torch.utils.data.IterableDataset):
             # Workers take disjoint shards when the rank has enough; else each draws its own random
             # order over all of them (seeded by worker), which is as good for an endless stream.
             worker_urls = rank_urls[worker::num_workers] if len(rank_urls) >= num_workers else rank_urls
-            streams.append(self._endless_passes(worker_urls, rng, counter))
+            streams.append(self._endless_passes(worker_urls, rng, counter, read_mode))
         raw = streams[0] if len(streams) == 1 else _mixed(streams, self.source_weights, rng)
         if self.shuffle_buffer > 1:
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         return raw
 
-    def _endless_passes(self, urls: list[str], rng: np.random.Generator, counter: SkipCounter) -> Iterator[dict]:
+    def _endless_passes(self, urls: list[str], rng: np.random.Generator, counter: SkipCounter,
+                        read_mode: _ReadMode) -> Iterator[dict]:
         while True:
             samples_read = 0
             for index in rng.permutation(len(urls)):
-                for raw in read_tar_samples(urls[index], counter):
+                for raw in _shard_samples(urls[index], counter, read_mode):
                     samples_read += 1
                     yield raw
             if samples_read == 0:
@@ -314,17 +457,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                 index += 1
 
     def _decoded(
-        self, raw_samples: Iterator[dict], rng: np.random.Generator | None, counter: SkipCounter, worker: int
-    ) -> Iterator[dict]:
-        skipped_before_first = 0
-        start = (counter.damage_total, counter.shard_damage_total)
-        samples_read = 0
-        for raw in raw_samples:
+        self, items: Iterator[tuple[int, dict]], draw_seed: tuple[int, ...] | None, counter: SkipCounter,
+        worker: int, start: tuple[int, int], samples_read: int = 0,
+    ) -> Iterator[tuple[int, dict]]:
+        """(position, sample) of the raw items that decode; each sample's draws seeded by ``draw_seed`` and
+        its position (no draws when None). ``start``: damage totals when the iteration began;
+        ``samples_read``: raw samples read before (a resumed stream), for the skip-rate ceiling."""
+        skipped_before_first = -1 if samples_read else 0
+        for position, raw in items:
             samples_read += 1
+            if "__members__" in raw:  # read by header only while the stream was walked over
+                raw = load_indexed_sample(raw)
+            rng = np.random.default_rng([*draw_seed, position]) if draw_seed is not None else None
             sample = self.decode_checked(raw, rng, counter)
             if sample is not None:
                 skipped_before_first = -1
-                yield sample
+                yield position, sample
             elif skipped_before_first >= 0:
                 skipped_before_first += 1
                 if skipped_before_first >= MAX_SKIPS_BEFORE_FIRST_SAMPLE:
@@ -390,18 +538,26 @@ class ImageTextDataset(ShardStream):
     """Image-caption samples from WebDataset shards; see ``image_text_dataset``."""
 
     def __init__(self, shards, resolution: int, train: bool, mode: str | None = None, random_crop: bool = True,
-                 random_flip: bool = False, keep_metadata: bool = False, **stream_options) -> None:
+                 random_flip: bool = False, keep_metadata: bool = False, buckets: Sequence[Bucket] | None = None,
+                 bucket_crop: str = "random", **stream_options) -> None:
         if resolution <= 0:
             raise ValueError(f"resolution={resolution} must be a positive number of pixels, e.g. 256")
+        if bucket_crop not in BUCKET_CROPS:
+            raise ValueError(f"bucket_crop={bucket_crop!r} is unknown; choose one of {BUCKET_CROPS}")
+        if buckets is not None and len(buckets) == 0:
+            raise ValueError("buckets=[] is empty: give at least one (height, width), or None for square crops")
         mode = mode or ("resampled" if train else "exactly_once")
         super().__init__(shards, mode, augment=train, **stream_options)
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.keep_metadata = keep_metadata
+        self.buckets = [tuple(bucket) for bucket in buckets] if buckets is not None else None
+        self.bucket_crop = bucket_crop
 
     def decode(self, raw: dict, metadata: dict, rng: np.random.Generator | None, counter: SkipCounter) -> dict | None:
-        """Image bytes -> ``{"image", "original_size", "crop_coords"}``; ``rng`` given: random crop and flip."""
+        """Image bytes -> ``{"image", "original_size", "crop_coords", "target_size"}``; ``rng`` given: random
+        crop (square: ``random_crop``; buckets: ``bucket_crop``) and flip."""
         url = raw["__url__"]
         where = f"{url} {raw['__key__']}"
         extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -414,16 +570,22 @@ class ImageTextDataset(ShardStream):
                     counter.add("filtered_size", where, shard=url)
                     return None
                 original_size = (image.height, image.width)
-                image = decode_rgb(image, self.resolution)
+                if self.buckets is None:
+                    target_size, random_crop = (self.resolution, self.resolution), self.random_crop
+                else:
+                    target_size = self.buckets[nearest_bucket(image.height, image.width, self.buckets)]
+                    random_crop = self.bucket_crop == "random"
+                image = decode_rgb(image, target_size)
         except Exception as error:  # PIL raises many types for corrupt or truncated files
             counter.add("corrupt_image", f"{where}: {type(error).__name__}: {error}", shard=url)
             return None
-        image, crop_coords = resize_and_crop(image, self.resolution, rng if self.random_crop else None)
+        image, crop_coords = resize_and_crop(image, target_size, rng if random_crop else None)
         flip = rng is not None and self.random_flip and rng.random() < 0.5
         sample = {
             "image": to_tensor(image, flip=flip),
             "original_size": torch.tensor(original_size, dtype=torch.long),
             "crop_coords": torch.tensor(crop_coords, dtype=torch.long),
+            "target_size": torch.tensor(target_size, dtype=torch.long),
         }
         if self.keep_metadata:  # for tools that rewrite the shards (precompute_latents)
             sample["json"] = metadata
@@ -483,15 +645,26 @@ def image_text_dataset(
     random_flip: bool = False,
     max_skip_rate: float | None = None,
     skip_rate_min_samples: int = 1000,
+    buckets: Sequence[Bucket] | None = None,
+    bucket_crop: str = "random",
+    batch_size: int | None = None,
+    drop_last: bool = False,
 ) -> ImageTextDataset:
-    """Image-caption samples from WebDataset shards, as an IterableDataset for a DataLoader.
+    """Image-caption samples (or batches) from WebDataset shards, as an IterableDataset for a DataLoader.
 
-    Each sample: ``{"image": (3, resolution, resolution) float in [-1, 1], "caption": str, "key": str,
+    Each sample: ``{"image": (3, H, W) float in [-1, 1], "caption": str, "key": str,
     "original_size": (2,) long (h, w) before resizing, "crop_coords": (2,) long (top, left) of the crop
-    in the resized image (before any flip), "skipped": {reason: count} dropped by this worker since its
-    previous sample}``. Images: JPEGs decoded in draft mode (see ``decode_rgb``), short side resized
-    to ``resolution``, then a square crop (random when ``train`` and ``random_crop``, else centred),
-    mirrored with probability 1/2 when ``train`` and ``random_flip``. Captions: a JSON ``captions``
+    in the resized image (before any flip), "target_size": (2,) long (H, W), "skipped": {reason: count}
+    dropped by this worker since its previous sample}``. Images: JPEGs decoded in draft mode (see
+    ``decode_rgb``), resized to cover the target and cropped to it: a ``resolution`` square (random
+    crop when ``train`` and ``random_crop``, else centred), or with ``buckets`` ((height, width) list,
+    see ``ldm.data.buckets``) the bucket nearest the image's aspect ratio (random crop when ``train``
+    and ``bucket_crop="random"``); mirrored with probability 1/2 when ``train`` and ``random_flip``.
+    ``batch_size``: yield collated batches instead (``collate_samples``), each of one bucket, per
+    worker (use ``DataLoader(batch_size=None)``), with ``"stream_position"`` (a ``StreamPosition`` as
+    a dict, for exact resumption) and ``"skipped"`` summed per batch; ``drop_last`` drops each
+    worker's partial batches (the partial batch of each bucket at the end of a finite stream).
+    Captions: a JSON ``captions``
     list (one drawn at random when ``train``, else the first), else ``KEY.txt``, else the JSON
     ``caption``; with ``train``, replaced by "" with probability ``caption_dropout_prob``.
     ``filters`` leave out samples by their JSON metadata (see ``MetadataFilters``), counted as ``filtered_*``.
@@ -501,7 +674,9 @@ def image_text_dataset(
     worker, read in endless reshuffled passes, sources mixed sample by sample with ``source_weights``
     (then ``shards`` holds one spec per source), through a ``shuffle_buffer``-sample shuffle, cut to
     ``epoch_length`` samples per rank (the same number of batches on every rank, so DDP ranks stay in
-    step; None: endless). Random choices are seeded by (seed, rank, worker, epoch) and reproducible.
+    step; None: endless; with ``batch_size``: that many samples' worth of full batches per worker).
+    The order is drawn from (seed, rank, worker, epoch), each sample's crop, flip and caption draws from
+    that and its position in the worker's stream: reproducible, and resumable without decoding.
     ``mode="exactly_once"`` (default otherwise): every sample once over all ranks and workers, in
     shard order; ranks may get different numbers of samples.
 
@@ -518,7 +693,8 @@ def image_text_dataset(
         source_weights=source_weights, shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, seed=seed,
         skip_counter=skip_counter, rank=rank, world_size=world_size, filters=filters,
         caption_dropout_prob=caption_dropout_prob, max_skip_rate=max_skip_rate,
-        skip_rate_min_samples=skip_rate_min_samples,
+        skip_rate_min_samples=skip_rate_min_samples, buckets=buckets, bucket_crop=bucket_crop,
+        batch_size=batch_size, drop_last=drop_last,
     )
 
 
@@ -535,6 +711,9 @@ def collate_samples(samples: list[dict]) -> dict:
         if name == "skipped":
             continue
         values = [sample[name] for sample in samples]
+        if isinstance(values[0], torch.Tensor) and len({tuple(v.shape) for v in values}) > 1:
+            raise ValueError(f"cannot batch {name!r} of shapes {sorted({tuple(v.shape) for v in values})}: samples "
+                             f"of several buckets; batch them in the stream (batch_size=...) instead")
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     batch["skipped"] = dict(skipped)
     return batch

@@ -32,11 +32,14 @@ class SkipCounter:
         self.samples_skipped_by_reason: Counter[str] = Counter()
         self.skipped_by_shard: dict[str, Counter[str]] = {}
         self._not_taken: Counter[str] = Counter()
+        self.muted = False  # set while a resumed stream walks over samples whose skips were counted before
 
     def add(self, reason: str, detail: str = "", count: int = 1, shard: str | None = None) -> None:
         """Count ``count`` skips for ``reason`` (one of ALL_SKIP_REASONS) in ``shard``; ``detail`` goes into the warning."""
         if reason not in ALL_SKIP_REASONS:
             raise ValueError(f"skip reason {reason!r} is unknown; add it to ldm.data.skips.ALL_SKIP_REASONS")
+        if self.muted:
+            return
         self.samples_skipped_by_reason[reason] += count
         self._not_taken[reason] += count
         if shard is not None:

@@ -14,11 +14,12 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def decode_rgb(image: Image.Image, resolution: int) -> Image.Image:
+def decode_rgb(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
     """Decode an opened image to RGB. JPEGs are decoded at the largest power-of-two reduction (1/2,
-    1/4, 1/8; PIL's draft mode, done inside libjpeg) whose short side stays >= ``resolution``, which
-    is several times faster for images much larger than the training size."""
-    image.draft("RGB", (resolution, resolution))
+    1/4, 1/8; PIL's draft mode, done inside libjpeg) that still covers ``size`` ((height, width), or
+    one side of a square), which is several times faster for images much larger than the training size."""
+    height, width = (size, size) if isinstance(size, int) else size
+    image.draft("RGB", (width, height))  # PIL keeps both sides >= these, i.e. the image still covers the crop
     image.load()
     return image if image.mode == "RGB" else to_rgb(image)
 
@@ -38,21 +39,23 @@ REDUCING_GAP = 3
 
 
 def resize_and_crop(
-    image: Image.Image, resolution: int, rng: np.random.Generator | None
+    image: Image.Image, size: int | tuple[int, int], rng: np.random.Generator | None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize the short side to ``resolution`` (bicubic, antialiased) and crop a square of that side:
-    at random when ``rng`` is given, else centred. Returns the crop, a (3, resolution, resolution)
-    uint8 tensor, and its (top, left) in the resized image.
+    """Resize to cover ``size`` ((height, width), or one side of a square; bicubic, antialiased) and
+    crop that size: at random when ``rng`` is given, else centred. Returns the crop, a (3, height,
+    width) uint8 tensor, and its (top, left) in the resized image.
 
     The resampling runs in torch's uint8 antialiased kernel (vectorised; about 3x faster than PIL's
     here, with PIL's filter, so the pixels agree with PIL's resize to within a level or two)."""
+    crop_height, crop_width = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    scale = resolution / min(width, height)
-    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    scale = max(crop_width / width, crop_height / height)
+    resized = (max(crop_width, round(width * scale)), max(crop_height, round(height * scale)))
     if rng is not None:
-        top, left = int(rng.integers(0, resized[1] - resolution + 1)), int(rng.integers(0, resized[0] - resolution + 1))
+        top = int(rng.integers(0, resized[1] - crop_height + 1))
+        left = int(rng.integers(0, resized[0] - crop_width + 1))
     else:
-        top, left = (resized[1] - resolution) // 2, (resized[0] - resolution) // 2
+        top, left = (resized[1] - crop_height) // 2, (resized[0] - crop_width) // 2
     reduce_by = int(1 / (scale * REDUCING_GAP))
     if reduce_by > 1:
         image = image.reduce(reduce_by)
@@ -61,7 +64,7 @@ def resize_and_crop(
         pixels = torch.nn.functional.interpolate(
             pixels[None], size=(resized[1], resized[0]), mode="bicubic", antialias=True, align_corners=False
         )[0]
-    return pixels[:, top : top + resolution, left : left + resolution], (top, left)
+    return pixels[:, top : top + crop_height, left : left + crop_width], (top, left)
 
 
 def to_tensor(pixels: torch.Tensor, flip: bool = False) -> torch.Tensor:

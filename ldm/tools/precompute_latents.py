@@ -6,7 +6,9 @@
 
 Each input shard gives one output shard of the same name with the same keys, captions and JSON
 (see ``ldm.data.latents``): the posterior mean and std (so training still samples), centre crop at
-``--resolution``. Split over processes or GPUs by shard ranges with ``--num-parts N --part I``
+``--resolution``, or with ``--buckets`` (JSON: ``'[[256, 256], [192, 320]]'`` or
+``'{"pixel_budget": 65536, "side_step": 64, "max_aspect_ratio": 2}'``, as ``data.buckets``) at the
+bucket nearest each image's aspect ratio, batched by bucket. Split over processes or GPUs by shard ranges with ``--num-parts N --part I``
 (default: env WORLD_SIZE and RANK; the device defaults to cuda:LOCAL_RANK); part I takes the I-th
 contiguous range. Re-running resumes: finished output shards are skipped, each is written under a
 temporary name and renamed when whole. An unreadable input shard writes nothing (so a re-run
@@ -33,9 +35,10 @@ from torch import nn
 
 from ldm.atomic import atomic_write
 from ldm.checkpoints import load_weights
+from ldm.data.buckets import Bucket, resolve_buckets
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
-from ldm.data.shards import ImageTextDataset, collate_samples, expand_shards
+from ldm.data.shards import ImageTextDataset, expand_shards
 from ldm.data.skips import SkipCounter
 from ldm.ranks import rank_and_world_size
 
@@ -83,13 +86,14 @@ def encode_shard(
     text_encoder: nn.Module | None = None,
     filters: MetadataFilters | None = None,
     autocast_dtype: torch.dtype | None = None,
+    buckets: list[Bucket] | None = None,
 ) -> SkipCounter:
     """Encode one image shard into ``target`` (written whole or not at all); returns its skip counts.
     Nothing is written when the shard could not be opened (``unreadable_shard``)."""
     counter = SkipCounter()
     dataset = ImageTextDataset(url, resolution, train=False, keep_metadata=True, skip_counter=counter, rank=0,
-                               world_size=1, filters=filters)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+                               world_size=1, filters=filters, buckets=buckets, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with atomic_write(target) as temporary:
         with wds.TarWriter(str(temporary), encoder=False) as writer:
@@ -99,7 +103,8 @@ def encode_shard(
                     text_states = text_encoder(batch["caption"]) if text_encoder is not None else None
                 for index, key in enumerate(batch["key"]):
                     metadata = {**batch["json"][index], "original_size": batch["original_size"][index].tolist(),
-                                "crop_coords": batch["crop_coords"][index].tolist(), "resolution": resolution}
+                                "crop_coords": batch["crop_coords"][index].tolist(),
+                                "target_size": batch["target_size"][index].tolist(), "resolution": resolution}
                     writer.write(latent_sample_files(
                         key, posterior.mean[index], posterior.std[index], batch["caption"][index], metadata,
                         text_states[index] if text_states is not None else None,
@@ -122,6 +127,7 @@ def precompute_latents(
     text_encoder: nn.Module | None = None,
     filters: MetadataFilters | None = None,
     autocast_dtype: torch.dtype | None = None,
+    buckets: list[Bucket] | None = None,
 ) -> dict[str, Any]:
     """Encode this part's range of ``shards`` into ``out_dir``; returns a summary
     ``{"written", "already_done", "failed": [urls], "skipped": {reason: count}}``."""
@@ -147,7 +153,7 @@ def precompute_latents(
             continue
         started = time.perf_counter()
         counter = encode_shard(urls[index], target, vae, resolution, batch_size, device, text_encoder, filters,
-                               autocast_dtype)
+                               autocast_dtype, buckets)
         skipped.update(counter.as_dict())
         if target.exists():
             summary["written"] += 1
@@ -178,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-encoder", default=None, help="text encoder config preset: also store its output")
     parser.add_argument("--text-encoder-weights", default=None)
     parser.add_argument("--resolution", type=int, required=True)
+    parser.add_argument("--buckets", default=None, type=json.loads,
+                        help="aspect-ratio buckets as data.buckets, in JSON: a list of [height, width] or a mapping")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-parts", type=int, default=None, help="default: the launcher's WORLD_SIZE, else 1")
     parser.add_argument("--part", type=int, default=None, help="default: the launcher's RANK, else 0")
@@ -192,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     num_parts = world_size if args.num_parts is None else args.num_parts
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    buckets = resolve_buckets(args.buckets, args.resolution, "--buckets")
     vae, vae_config, vae_metadata = build(args.vae, args.vae_weights)
     text_encoder, text_config, _ = build(args.text_encoder, args.text_encoder_weights)
     manifest = {
@@ -199,12 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "latent_scale_factor": float(vae_metadata["latent_scale_factor"]) if "latent_scale_factor" in vae_metadata
         else None,
         "text_encoder": text_config, "text_encoder_weights": args.text_encoder_weights,
+        "buckets": [list(bucket) for bucket in buckets] if buckets is not None else None,
     }
     summary = precompute_latents(
         args.shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=part,
         num_parts=num_parts, device=device, text_encoder=text_encoder,
         filters=MetadataFilters(min_width=args.min_width, min_height=args.min_height),
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast],
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast], buckets=buckets,
     )
     print(json.dumps(summary, indent=2))
     if summary["failed"]:
