@@ -168,9 +168,13 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the data's image size against the VAE and U-Net before the first step."""
-        resolution = getattr(self.trainer.datamodule, "resolution", None) if self.trainer is not None else None
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        resolution = getattr(datamodule, "resolution", None)
         if resolution is not None:
             check_resolution(resolution, self.vae, self.unet)
+        for index, bucket in enumerate(getattr(datamodule, "buckets", None) or []):
+            for side in bucket:
+                check_resolution(side, self.vae, self.unet, key=f"data.buckets[{index}]={list(bucket)}")
 
     # ----------------------------------------------------------------------------------- training
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -445,19 +449,22 @@ def check_model_compatibility(unet: nn.Module, vae: nn.Module, text_encoder: nn.
         )
 
 
-def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module) -> None:
-    """Images of ``resolution`` px must give latents that the VAE and the U-Net both divide evenly."""
+def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module, key: str | None = None) -> None:
+    """Images of ``resolution`` px (a side) must give latents that the VAE and the U-Net both divide evenly.
+    ``key``: what the error names (default ``data.resolution=<resolution>``), e.g. a bucket of ``data.buckets``."""
     vae_factor = int(getattr(vae, "downsample_factor", 1))
     unet_factor = int(getattr(unet, "downsample_factor", 1))
+    name = key or f"data.resolution={resolution}"
+    fix = "its sides" if key else "data.resolution"
     if resolution % vae_factor:
         raise ValueError(
-            f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {vae_factor} "
-            f"(2 ** (len(model.vae.ch_mult) - 1)); set data.resolution to a multiple of {vae_factor}"
+            f"{name}: {resolution} px is not divisible by the VAE's downsampling factor {vae_factor} "
+            f"(2 ** (len(model.vae.ch_mult) - 1)); set {fix} to a multiple of {vae_factor}"
         )
     if (resolution // vae_factor) % unet_factor:
         step = vae_factor * unet_factor
         raise ValueError(
-            f"data.resolution={resolution} gives {resolution // vae_factor}-px latents, not divisible by the "
+            f"{name}: {resolution} px gives {resolution // vae_factor}-px latents, not divisible by the "
             f"U-Net's downsampling factor {unet_factor} (2 ** (len(model.unet.channel_mult) - 1)); "
-            f"set data.resolution to a multiple of {step}"
+            f"set {fix} to a multiple of {step}"
         )
