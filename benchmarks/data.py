@@ -4,21 +4,29 @@
    decode + metadata filters + resize + random crop to 256 px, from realistic 512-1024 px JPEGs
    that the benchmark makes (photo-like content, quality 90, shards written by ldm.tools.make_shards),
    against a plain loop over the same files: PIL open, convert to RGB, resize the short side to 256
-   (bicubic), centre crop, to an array. Passes alternate; medians.
-2. Training steps per second of the same LatentDiffusion (the SD VAE preset, 84M parameters, random
+   (bicubic), centre crop, to an array; and the same pipeline with aspect-ratio buckets (the
+   bucket_grid of 256^2 pixels, side step 64, aspect ratios up to 2: each image to its nearest
+   bucket). Passes alternate; medians.
+2. Time from resume to the first batch, at 10% and at 90% of an epoch of 20,000 samples per rank
+   of the built-in 32 px set (its data=synthetic settings: batch 64, 2 workers, shuffle buffer 1000),
+   square and bucketed: a new datamodule loads the saved state, builds its loader and takes one
+   batch. The consumed samples are walked over by their tar headers, not decoded. Alternating; medians.
+3. Training steps per second of the same LatentDiffusion (the SD VAE preset, 84M parameters, random
    weights; the tiny U-Net on 32x32x4 latents; batch 2 of 256 px) from pixel shards (VAE encode every
    step) and from latent shards written by ldm.tools.precompute_latents (no encode). Batches are read
    before the clock starts, so only the step is timed; steps alternate; medians.
 
     python benchmarks/data.py [--images 64] [--passes 5] [--steps 3] [--batch-size 2] [--device cpu|cuda]
 
-Writes benchmarks/results/data.json. Targets: the pipeline >= 2x the plain loop; latents >= 3x per step.
+Writes benchmarks/results/data.json. Targets: the pipeline >= 2x the plain loop; bucketed decoding within
+10% of square; resume at 90% within 2x of resume at 10%; latents >= 3x per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine_info  # noqa: E402
 from ldm.checkpoints import save_weights  # noqa: E402
+from ldm.data.buckets import bucket_grid  # noqa: E402
 from ldm.data.datamodule import LatentShardDataModule, ShardDataModule  # noqa: E402
 from ldm.data.filters import MetadataFilters  # noqa: E402
 from ldm.data.shards import ImageTextDataset  # noqa: E402
+from ldm.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from ldm.tools import make_shards, precompute_latents  # noqa: E402
 
 RESOLUTION = 256
@@ -86,11 +96,19 @@ def plain_loop(paths: list[Path]) -> int:
     return len(paths)
 
 
-def pipeline_pass(shard_spec: str) -> int:
-    """The shard pipeline in one process: tar reading, JSON, filters, draft decode, resize, random crop, tensor."""
+BUCKETS = bucket_grid(RESOLUTION ** 2, 64, 2.0)
+
+
+def pipeline_pass(shard_spec: str, buckets: list | None = None) -> int:
+    """The shard pipeline in one process: tar reading, JSON, filters, draft decode, resize, random crop,
+    tensor; with ``buckets``, each image to its nearest bucket and batches of one bucket (of 8)."""
+    if buckets is None:
+        dataset = ImageTextDataset(shard_spec, RESOLUTION, train=True, mode="exactly_once", filters=FILTERS,
+                                   rank=0, world_size=1)
+        return sum(1 for sample in dataset if sample["image"].shape[-1] == RESOLUTION)
     dataset = ImageTextDataset(shard_spec, RESOLUTION, train=True, mode="exactly_once", filters=FILTERS,
-                               rank=0, world_size=1)
-    return sum(1 for sample in dataset if sample["image"].shape[-1] == RESOLUTION)
+                               rank=0, world_size=1, buckets=buckets, batch_size=8)
+    return sum(len(batch["key"]) for batch in dataset if tuple(batch["image"].shape[-2:]) in buckets)
 
 
 def timed(function, *args) -> tuple[float, int]:
@@ -104,16 +122,19 @@ def decode_benchmark(work: Path, images: int, passes: int, noise_std: float = NO
     paths = make_images(work / "images", images, noise_std)
     summary = make_shards.write_shards(make_shards.folder_records(work / "images"), work / "shards", 16)
     torch.set_num_threads(1)  # one dataloader worker's share
-    rates = {"pipeline": [], "plain": []}
-    pipeline_pass(summary["shard_spec"])  # warm the page cache for both arms
+    rates = {"pipeline": [], "bucketed": [], "plain": []}
+    pipeline_pass(summary["shard_spec"])  # warm the page cache for all arms
+    arms = (("pipeline", lambda: pipeline_pass(summary["shard_spec"])),
+            ("bucketed", lambda: pipeline_pass(summary["shard_spec"], BUCKETS)), ("plain", lambda: plain_loop(paths)))
     for _ in range(passes):  # a pass of each, alternating: a pair shares the machine's load at that time
-        for name, run in (("pipeline", lambda: pipeline_pass(summary["shard_spec"])), ("plain", lambda: plain_loop(paths))):
+        for name, run in arms:
             seconds, count = timed(run)
             if count != images:
                 raise RuntimeError(f"{name} produced {count} of {images} images")
             rates[name].append(count / seconds)
     result = {name: statistics.median(values) for name, values in rates.items()}
     pair_ratios = [pipeline / plain for pipeline, plain in zip(rates["pipeline"], rates["plain"])]
+    bucket_ratios = [bucketed / pipeline for bucketed, pipeline in zip(rates["bucketed"], rates["pipeline"])]
     sizes = [Image.open(p).size for p in paths]
     return {
         "images": images, "passes": passes, "mean_jpeg_kib": float(np.mean([p.stat().st_size for p in paths]) / 1024),
@@ -121,8 +142,50 @@ def decode_benchmark(work: Path, images: int, passes: int, noise_std: float = NO
         "bits_per_pixel": float(sum(p.stat().st_size for p in paths) * 8 / sum(w * h for w, h in sizes)),
         "noise_std": noise_std, "pipeline_images_per_s": result["pipeline"],
         "plain_images_per_s": result["plain"], "speedup": statistics.median(pair_ratios),
+        "bucketed_images_per_s": result["bucketed"], "bucketed_vs_square": statistics.median(bucket_ratios),
+        "buckets": [list(bucket) for bucket in BUCKETS],
         "all_passes": rates, "shard_spec": summary["shard_spec"],
     }
+
+
+RESUME_EPOCH = 20_000
+RESUME_BUCKETS = [[32, 32], [32, 48], [48, 32]]
+
+
+def resume_benchmark(work: Path, repeats: int) -> dict:
+    """Seconds from a new datamodule loading a saved state to its first training batch, at 10% and 90% of an
+    epoch of the built-in set, square and bucketed (the square set is 1:1, so its images fill the square
+    bucket; the bucketed arm still runs the bucket stage, its queues and their resume)."""
+    train_spec, _ = ensure_synthetic_dataset(work / "synthetic")
+    settings = dict(train_shards=train_spec, resolution=32, batch_size=64, num_workers=2, shuffle_buffer=1000,
+                    train_epoch_length=RESUME_EPOCH, caption_dropout_prob=0.1, seed=0)
+    arms = {"square": {}, "bucketed": {"buckets": RESUME_BUCKETS, "resolution": 40}}
+    states: dict[tuple[str, int], dict] = {}
+    for arm, extra in arms.items():
+        module = ShardDataModule(**{**settings, **extra})
+        module.setup("fit")
+        marks = {RESUME_EPOCH // 64 // 10: 10, RESUME_EPOCH * 9 // 64 // 10: 90}
+        for batch in module.train_dataloader():
+            module.on_before_batch_transfer(batch, 0)
+            if module.train_batches_consumed in marks:
+                states[(arm, marks[module.train_batches_consumed])] = module.state_dict()
+            if len(states) == 2 * (list(arms).index(arm) + 1):
+                break
+    times: dict[str, list[float]] = {f"{arm}_{percent}": [] for arm in arms for percent in (10, 90)}
+    for _ in range(repeats):
+        for (arm, percent), state in states.items():
+            module = ShardDataModule(**{**settings, **arms[arm]})
+            module.setup("fit")
+            started = time.perf_counter()
+            module.load_state_dict(state)
+            loader = module.train_dataloader()
+            next(iter(loader))
+            times[f"{arm}_{percent}"].append(time.perf_counter() - started)
+            del loader
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {"epoch_length": RESUME_EPOCH, "batch_size": 64, "num_workers": 2, "shuffle_buffer": 1000,
+            "buckets": RESUME_BUCKETS, "repeats": repeats, "seconds": medians, "all_seconds": times,
+            "ratio_90_to_10": {arm: medians[f"{arm}_90"] / medians[f"{arm}_10"] for arm in arms}}
 
 
 def build_module(device: str):
@@ -204,6 +267,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--resume-repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--noise-std", type=float, default=NOISE_STD, help="pixel noise of the made photos")
@@ -214,16 +278,25 @@ def main() -> None:
         decode = decode_benchmark(Path(work), args.images, args.passes, args.noise_std)
         decode.pop("shard_spec")
         torch.set_num_threads(threads)
+        resume = resume_benchmark(Path(work), args.resume_repeats)
         training = training_benchmark(Path(work), Path(work) / "images", args.steps, args.batch_size, args.device)
     settings = {**vars(args), "output": str(Path(args.output).resolve().relative_to(ROOT))
                 if Path(args.output).resolve().is_relative_to(ROOT) else args.output}
-    result = {"machine": machine_info(), "settings": settings, "decode": decode, "training": training}
+    result = {"machine": machine_info(), "load_average": os.getloadavg(), "settings": settings, "decode": decode,
+              "resume": resume, "training": training}
     print(f"\n{'decode + filter + resize + crop to 256 px':<46}{'images/s/worker':>16}")
     print(f"{'  ldm shard pipeline (draft-mode JPEG)':<46}{decode['pipeline_images_per_s']:>16.1f}")
     print(f"{'  plain PIL open + resize + crop loop':<46}{decode['plain_images_per_s']:>16.1f}")
     print(f"{'  ratio, median of paired passes (target >= 2)':<46}{decode['speedup']:>16.2f}")
+    print(f"{'  ldm shard pipeline with buckets':<46}{decode['bucketed_images_per_s']:>16.1f}")
+    print(f"{'  bucketed / square (target >= 0.9)':<46}{decode['bucketed_vs_square']:>16.2f}")
     print(f"  ({args.images} JPEGs of 512-1024 px, mean {decode['mean_jpeg_kib']:.0f} KiB, "
           f"{decode['bits_per_pixel']:.2f} bits per pixel)")
+    print(f"\n{'resume to first batch, epoch of 20,000 samples':<46}{'at 10%':>10}{'at 90%':>10}{'ratio':>8}")
+    for arm in ("square", "bucketed"):
+        seconds = resume["seconds"]
+        print(f"{'  ' + arm + ' (target: ratio <= 2)':<46}{seconds[arm + '_10']:>9.2f}s{seconds[arm + '_90']:>9.2f}s"
+              f"{resume['ratio_90_to_10'][arm]:>8.2f}")
     print(f"\n{'training step, SD VAE + tiny U-Net, batch ' + str(args.batch_size):<46}{'s/step':>10}{'steps/s':>10}")
     for name, key in (("  pixel shards (VAE encode each step)", "pixel_step_s"),
                       ("  latent shards (data=latents)", "latent_step_s")):

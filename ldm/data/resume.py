@@ -13,6 +13,7 @@ queued samples, and goes on exactly as the uninterrupted stream did.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from webdataset.tariterators import base_plus_ext
 
 TAR_BLOCK = 512
+_ZERO_BLOCK = bytes(TAR_BLOCK)
 _POSIX_MAGIC = b"ustar\x0000"
 _REGULAR_TYPES = (b"0", b"\x00", b"7")
 _OTHER_PLAIN_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: not files
@@ -75,56 +77,70 @@ def tar_index(path: str) -> list[dict] | None:
     ``[{"__key__", "__url__", "__offset__": header offset of the sample's first file,
     "__members__": {extension: (data offset, size)}}]``, grouped by key as ``read_tar_samples`` does.
 
-    Reading ~10 bytes of each 512-byte header with a seek over the data is ~15x faster than tarfile's
-    header parsing, which is what makes a resumed stream's walk over the consumed shards cheap. None
-    where this scan cannot vouch for the same result as tarfile: not a local file, compressed, pax or
-    GNU long-name headers, a bad checksum, a cut or missing end of archive. Then read the shard.
+    Parsing the few fields it needs from each 512-byte header of a memory-mapped file (only the header
+    pages are touched) is ~15x faster than tarfile's header parsing, which is what makes a resumed
+    stream's walk over the consumed shards cheap. None where this scan cannot vouch for the same result
+    as tarfile: not a local file, compressed, pax or GNU long-name headers, a bad checksum, a cut or
+    missing end of archive. Then read the shard.
     """
     if not os.path.isfile(path):
         return None
     samples: list[dict] = []
     try:
-        file_size = os.path.getsize(path)
         with open(path, "rb") as stream:
-            offset = 0
-            while True:
-                header = stream.read(TAR_BLOCK)
-                if len(header) < TAR_BLOCK:
-                    return None  # cut: tarfile decides what survives
-                if header == bytes(TAR_BLOCK):
-                    break
-                if _checksum(header) != _stored_checksum(header):
-                    return None
-                kind = header[156:157]
-                size_field = header[124:136]
-                if size_field[:1] in (b"\x80", b"\xff"):
-                    return None  # base-256 sizes: leave to tarfile
-                size = int(size_field.strip(b"\x00 ") or b"0", 8)
-                data_offset = offset + TAR_BLOCK
-                if data_offset + size > file_size:
-                    return None
-                offset = data_offset + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-                stream.seek(offset)
-                if kind in _OTHER_PLAIN_TYPES:
-                    continue
-                if kind not in _REGULAR_TYPES:
-                    return None  # pax, GNU long names, sparse files...
-                name = header[:100].split(b"\x00", 1)[0]
-                if header[257:265] == _POSIX_MAGIC and header[345:500].strip(b"\x00"):
-                    name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
-                key, extension = base_plus_ext(name.decode("utf-8", "surrogateescape"))
-                if key is None:
-                    continue
-                if not samples or samples[-1]["__key__"] != key:
-                    samples.append({"__key__": key, "__url__": path, "__offset__": data_offset - TAR_BLOCK,
-                                    "__members__": {}})
-                samples[-1]["__members__"][extension.lower()] = (data_offset, size)
-            stream.seek(max(0, file_size - TAR_BLOCK))
-            if file_size < 2 * TAR_BLOCK or stream.read(TAR_BLOCK) != bytes(TAR_BLOCK):
-                return None  # read_tar_samples counts a missing end of archive; let it
-    except OSError:
+            file_size = os.fstat(stream.fileno()).st_size
+            if file_size < 2 * TAR_BLOCK:
+                return None
+            with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                if mapped[file_size - TAR_BLOCK :] != _ZERO_BLOCK:
+                    return None  # read_tar_samples counts a missing end of archive; let it
+                offset = 0
+                current = None
+                while True:
+                    if offset + TAR_BLOCK > file_size:
+                        return None  # cut: tarfile decides what survives
+                    header = mapped[offset : offset + TAR_BLOCK]
+                    if header == _ZERO_BLOCK:
+                        break
+                    if _checksum(header) != _stored_checksum(header):
+                        return None
+                    size_field = header[124:136]
+                    if size_field[:1] in (b"\x80", b"\xff"):
+                        return None  # base-256 sizes: leave to tarfile
+                    size = int(size_field.strip(b"\x00 ") or b"0", 8)
+                    data_offset = offset + TAR_BLOCK
+                    if data_offset + size > file_size:
+                        return None
+                    header_offset = offset
+                    offset = data_offset + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+                    kind = header[156:157]
+                    if kind in _OTHER_PLAIN_TYPES:
+                        continue
+                    if kind not in _REGULAR_TYPES:
+                        return None  # pax, GNU long names, sparse files...
+                    name = header[:100].split(b"\x00", 1)[0]
+                    if header[257:265] == _POSIX_MAGIC and header[345:500].strip(b"\x00"):
+                        name = header[345:500].split(b"\x00", 1)[0] + b"/" + name
+                    key, extension = _key_and_extension(name.decode("utf-8", "surrogateescape"))
+                    if key is None:
+                        continue
+                    if current is None or current["__key__"] != key:
+                        current = {"__key__": key, "__url__": path, "__offset__": header_offset, "__members__": {}}
+                        samples.append(current)
+                    current["__members__"][extension.lower()] = (data_offset, size)
+    except (OSError, ValueError):
         return None
     return samples
+
+
+def _key_and_extension(name: str) -> tuple[str | None, str | None]:
+    """webdataset's ``base_plus_ext`` (key up to the first dot of the file name), without its regex
+    where the name is plain."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return base_plus_ext(name)
+    return name[:dot], name[dot + 1 :]
 
 
 def load_indexed_sample(entry: dict) -> dict:
@@ -138,7 +154,8 @@ def load_indexed_sample(entry: dict) -> dict:
 
 
 def _checksum(header: bytes) -> int:
-    return sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+    """tarfile's (unsigned) header checksum: the bytes summed with the checksum field taken as spaces."""
+    return sum(header) - sum(header[148:156]) + 8 * 0x20
 
 
 def _stored_checksum(header: bytes) -> int:

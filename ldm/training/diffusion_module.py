@@ -183,6 +183,9 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         if resolution is not None:
             check_resolution(resolution, self.vae, self.unet)
         check_size_fields(self.text_encoder, datamodule)
+        for index, bucket in enumerate(getattr(datamodule, "buckets", None) or []):
+            for side in bucket:
+                check_resolution(side, self.vae, self.unet, key=f"data.buckets[{index}]={list(bucket)}")
 
     # ----------------------------------------------------------------------------------- training
     def train(self, mode: bool = True) -> "LatentDiffusion":
@@ -532,19 +535,22 @@ def check_size_condition_dropout(dropout: Mapping[str, float] | None, text_encod
     return {name: float(probability) for name, probability in dropout.items()}
 
 
-def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module) -> None:
-    """Images of ``resolution`` px must give latents that the VAE and the U-Net both divide evenly."""
+def check_resolution(resolution: int, vae: nn.Module, unet: nn.Module, key: str | None = None) -> None:
+    """Images of ``resolution`` px (a side) must give latents that the VAE and the U-Net both divide evenly.
+    ``key``: what the error names (default ``data.resolution=<resolution>``), e.g. a bucket of ``data.buckets``."""
     vae_factor = int(getattr(vae, "downsample_factor", 1))
     unet_factor = int(getattr(unet, "downsample_factor", 1))
+    name = key or f"data.resolution={resolution}"
+    fix = "its sides" if key else "data.resolution"
     if resolution % vae_factor:
         raise ValueError(
-            f"data.resolution={resolution} is not divisible by the VAE's downsampling factor {vae_factor} "
-            f"(2 ** (len(model.vae.ch_mult) - 1)); set data.resolution to a multiple of {vae_factor}"
+            f"{name}: {resolution} px is not divisible by the VAE's downsampling factor {vae_factor} "
+            f"(2 ** (len(model.vae.ch_mult) - 1)); set {fix} to a multiple of {vae_factor}"
         )
     if (resolution // vae_factor) % unet_factor:
         step = vae_factor * unet_factor
         raise ValueError(
-            f"data.resolution={resolution} gives {resolution // vae_factor}-px latents, not divisible by the "
+            f"{name}: {resolution} px gives {resolution // vae_factor}-px latents, not divisible by the "
             f"U-Net's downsampling factor {unet_factor} (2 ** (len(model.unet.channel_mult) - 1)); "
-            f"set data.resolution to a multiple of {step}"
+            f"set {fix} to a multiple of {step}"
         )

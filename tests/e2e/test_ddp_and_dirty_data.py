@@ -40,6 +40,36 @@ def test_ddp_two_processes_train_to_the_end(tmp_path):
     assert "world_size: 2" in result.stderr + result.stdout or "GLOBAL_RANK: 1" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
+def test_ddp_over_uneven_buckets_finishes_and_saves_every_ranks_position(tmp_path, aspect_shard_writer):
+    """Two CPU ranks whose batches differ in shape at the same step (each rank's images fall into the
+    buckets unevenly): only gradients are all-reduced, so the run reaches max_steps; the checkpoint holds
+    both ranks' stream positions, and the bucket report sums both ranks' samples."""
+    shards = aspect_shard_writer(tmp_path / "aspect", num_samples=160, samples_per_shard=40, seed=4)
+    val = aspect_shard_writer(tmp_path / "aspect", num_samples=32, samples_per_shard=16, seed=5, prefix="val")
+    result = run_train(tmp_path, [
+        "experiment=demo_vae", "trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3", "logger=csv",
+        f"data.train_shards=[{','.join(str(p) for p in shards)}]", "data.synthetic=null",
+        f"data.val_shards='{val[0].parent}/val-{{000000..000001}}.tar'", "trainer.limit_val_batches=2",
+        "data.resolution=48", "data.buckets=[[32,32],[32,64],[64,32]]", "data.batch_size=4",
+        "data.num_workers=1", "data.train_epoch_length=16", "data.shuffle_buffer=8",
+    ], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/train/demo_vae/*/checkpoints/last.ckpt")
+    import json
+
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    ranks = state["ShardDataModule"]["ranks"]
+    assert len(ranks) == 2 and all(rank["workers"] for rank in ranks)
+    shapes_by_rank = [{tuple(row[:2]) for row in rank["bucket_counts"]} for rank in ranks]
+    assert all(len(shapes) >= 2 for shapes in shapes_by_rank)
+    (report,) = tmp_path.glob("outputs/train/demo_vae/*/bucket_report.json")
+    assert json.loads(report.read_text())["samples"] == 2 * 6 * 4  # both ranks, 6 steps of 4
+
+
 def corrupt_first_image(shard: Path) -> str:
     """Replace the first PNG in a tar shard by garbage bytes; returns its key."""
     with tarfile.open(shard) as source:
