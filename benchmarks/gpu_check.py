@@ -251,8 +251,6 @@ def section_training(settings: dict, env: dict, work: Path) -> Callable[[float],
         run_program([
             "train.py", "experiment=demo", f"trainer={training['trainer']}", "trainer.precision=bf16-mixed",
             "logger=csv", "callbacks=default", "model.vae_weights=null", "model.latent_scale_factor=0.7",
-            # Lightning's bf16-mixed refuses gradient clipping with a fused optimizer (it "unscales internally").
-            "model.optimizer.fused=false",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
             "trainer.max_time=null", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
             f"model.lr_schedule.warmup_steps={max(steps // 5, 1)}", f"data.batch_size={training['batch']}",

@@ -9,9 +9,15 @@ drifts hit both alike. FLOPs are the U-Net's forward+backward counted once with 
 MFU = achieved FLOP/s over the device's peak: on GPUs the data-sheet dense bf16 peak (or
 --peak-tflops), on the CPU a matmul measured in the same run and precision.
 
-    python benchmarks/train_step.py                          # CPU: the tiny demo U-Net, fp32
+    python benchmarks/train_step.py                          # CPU: the tiny demo U-Net, fp32, and the demo step
     python benchmarks/train_step.py --device cuda            # GPU: tiny and SD 2.x base at 256 px, bf16
     python benchmarks/train_step.py --sizes sd2-base --batch 32 --compile
+
+On the CPU it also times the demo's whole stage-2 step (``demo_step`` in the JSON), four ways alternating
+in one loop over the same weights and batch: ldm's step as ``make demo`` runs it (latents drawn from the
+precomputed VAE posterior, precomputed text states, channels-last input), ldm's step as the demo ran it
+before (VAE encode and text encoder on every batch, NCHW), and diffusers' bare U-Net step in fp32 and bf16.
+Each ldm step is LatentDiffusion's own loss (min-SNR weighted), backward, clipping, fused AdamW and EMA.
 
 Writes benchmarks/results/train_step.json (or --output). Target on a GPU: >= 40% MFU for SD 2.x base
 at 256 px in bf16, and faster than diffusers.
@@ -20,12 +26,15 @@ at 256 px in bf16, and faster than diffusers.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -148,6 +157,95 @@ def benchmark(size: str, precision: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def demo_module(channels_last: bool) -> torch.nn.Module:
+    """The demo's LatentDiffusion (``experiment=demo``, random VAE: its cost is the trained one's)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ldm.config import instantiate_module
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+                                          f"model.channels_last={channels_last}"])
+    return instantiate_module(cfg.model).train()
+
+
+class DemoStep:
+    """One stage-2 step of the demo module: latents and context (from images and captions, or precomputed),
+    its weighted diffusion loss, backward, gradient-norm clipping at 1, its optimizer (fused AdamW), EMA."""
+
+    def __init__(self, module: torch.nn.Module, precomputed: bool) -> None:
+        self.module = module
+        self.precomputed = precomputed
+        self.optimizer = module.configure_optimizers()["optimizer"]
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> float:
+        module = self.module
+        if self.precomputed:
+            latents, context = module.batch_latents(batch), module.batch_context(batch)
+        else:
+            latents, context = module.encode_images(batch["image"]), module.encode_captions(batch["caption"])
+        loss = module.diffusion_loss(latents, context)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        module.ema_unet.update_parameters(module.unet)
+        return loss.detach()
+
+
+def benchmark_demo_step(args: argparse.Namespace) -> dict:
+    """The demo's stage-2 step now and before, beside diffusers' U-Net step in fp32 and bf16 (CPU)."""
+    from ldm.data.synthetic import caption_for, render_scene, sample_scene_facts
+
+    batch_size = args.batch or SIZES["tiny"]["batch"]["cpu"]
+    now, before = demo_module(channels_last=True), demo_module(channels_last=False)
+    unet, reference, config = build_pair("tiny")
+    for module in (now, before):
+        module.unet.load_state_dict(unet.state_dict())
+        module.ema_unet.module.load_state_dict(unet.state_dict())
+    before.vae.load_state_dict(now.vae.state_dict())
+    facts = sample_scene_facts(batch_size, seed=0, split="train")
+    pixels = torch.stack([torch.from_numpy(np.array(render_scene(resolution=32, **f))).float()
+                          for f in facts]).permute(0, 3, 1, 2) / 127.5 - 1
+    captions = [caption_for(f["shape"], f["colour"], f["background"]) for f in facts]
+    with torch.no_grad():  # what data=demo_latents stores: the posterior and the text states, once
+        posterior = now.vae.encode(pixels)
+        stored = {"latent_mean": posterior.mean, "latent_std": posterior.std,
+                  "text_states": now.encode_captions(captions), "caption": captions}
+    images = {"image": pixels, "caption": captions}
+    context = stored["text_states"]
+    latents = stored["latent_mean"] * 0.5
+    bare = {"diffusers fp32": TrainStep(copy_module(reference), False, None, "cpu", False),
+            "diffusers bf16": TrainStep(copy_module(reference), False, torch.bfloat16, "cpu", False)}
+    step_now, step_before = DemoStep(now, precomputed=True), DemoStep(before, precomputed=False)
+    runs = {"ldm demo now": lambda g: step_now(stored, g), "ldm demo before": lambda g: step_before(images, g),
+            **{name: (lambda g, step=step: step(latents, context, g)) for name, step in bare.items()}}
+    generator = torch.Generator().manual_seed(1)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(generator)
+            if index >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    result = {"batch": batch_size, "seconds_per_step": seconds,
+              "images_per_s": {name: batch_size / s for name, s in seconds.items()},
+              "speedup_now_over_before": seconds["ldm demo before"] / seconds["ldm demo now"]}
+    print(f"\nThe demo's stage-2 step, batch {batch_size} (median of {args.steps}):")
+    for name, value in seconds.items():
+        print(f"  {name:16} {1000 * value:8.1f} ms  {batch_size / value:8.1f} img/s")
+    print(f"  now / before: {result['speedup_now_over_before']:.2f}x faster")
+    return result
+
+
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy (its own optimizer state and gradients)."""
+    return copy.deepcopy(module)
+
+
 def cpu_name() -> str:
     """The CPU's model name and the threads torch uses."""
     try:
@@ -169,6 +267,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU")
+    parser.add_argument("--no-demo-step", action="store_true", help="on the CPU, skip the demo-step table")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = parser.parse_args()
     sizes = args.sizes or (["tiny"] if args.device == "cpu" else ["tiny", "sd2-base"])
@@ -183,10 +282,13 @@ def main() -> None:
     print(f"{'size':9} {'prec':5} {'batch':>5} {'ldm img/s':>10} {'diff img/s':>10} {'speedup':>7} "
           f"{'ldm TF/s':>9} {'ldm MFU':>8} {'diff MFU':>8}")
     rows = [benchmark(size, precision, args) for size in sizes for precision in precisions]
+    demo_step = benchmark_demo_step(args) if args.device == "cpu" and not args.no_demo_step else None
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     output.write_text(json.dumps({"device": device_name, "compile": args.compile, "steps": args.steps,
-                                  "rows": rows, "machine": machine_info()}, indent=2))
+                                  "rows": rows, "demo_step": demo_step, "load_average": load,
+                                  "machine": machine_info()}, indent=2))
     print(f"\nwrote {output}")
 
 

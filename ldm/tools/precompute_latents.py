@@ -13,6 +13,10 @@ bucket nearest each image's aspect ratio, batched by bucket. Split over processe
 contiguous range. Re-running resumes: finished output shards are skipped, each is written under a
 temporary name and renamed when whole. An unreadable input shard writes nothing (so a re-run
 retries it) and makes the exit status 1. Train on the result with ``data=latents``.
+
+``--builtin DATA_DIR`` instead of ``--shards`` encodes the built-in set (``ldm.data.synthetic``, written there
+first if missing, with ``configs/data/synthetic.yaml``'s sizes at ``--resolution``): its train and validation
+shards, which ``data=demo_latents`` reads (``make demo`` runs this once).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
 from ldm.data.shards import ImageTextDataset, expand_shards
 from ldm.data.skips import SkipCounter
+from ldm.data.synthetic import ensure_synthetic_dataset
 from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger("ldm.tools.precompute_latents")
@@ -188,7 +193,9 @@ def build(config_path: str | None, weights: str | None = None) -> tuple[nn.Modul
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="input shards, brace pattern (or several joined by ::)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="input shards, brace pattern (or several joined by ::)")
+    source.add_argument("--builtin", metavar="DATA_DIR", help="the built-in set under DATA_DIR (train and val)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--vae", required=True, help="VAE config preset, e.g. configs/model/vae/sd.yaml")
     parser.add_argument("--vae-weights", default=None, help="safetensors weights of that VAE")
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     part = rank if args.part is None else args.part
     num_parts = world_size if args.num_parts is None else args.num_parts
 
+    shards = args.shards or "::".join(ensure_synthetic_dataset(args.builtin, resolution=args.resolution))
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     buckets = resolve_buckets(args.buckets, args.resolution, "--buckets")
     vae, vae_config, vae_metadata = build(args.vae, args.vae_weights)
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "buckets": [list(bucket) for bucket in buckets] if buckets is not None else None,
     }
     summary = precompute_latents(
-        args.shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=part,
+        shards, args.out_dir, vae, args.resolution, manifest, batch_size=args.batch_size, part=part,
         num_parts=num_parts, device=device, text_encoder=text_encoder,
         filters=MetadataFilters(min_width=args.min_width, min_height=args.min_height),
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast], buckets=buckets,

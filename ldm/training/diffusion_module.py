@@ -68,6 +68,8 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     U-Net its vector y from the pooled text embedding and the batch's size fields (``original_size``,
     ``crop_coords``, ``target_size``, each (B, 2)); ``size_condition_dropout`` maps each size condition to
     the probability that a training sample has its embedding zeroed (guidance dropout, like captions).
+    ``channels_last``: the U-Net's input (so its activations) in channels-last memory order, which oneDNN's CPU
+    convolutions run faster (benchmarks/train_step.py); the weights keep their order, so saved files are unchanged.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         lora: LoraOptions | Mapping[str, Any] | None = None,
         prior_loss_weight: float = 1.0,
         size_condition_dropout: Mapping[str, float] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         check_optimizer_arguments(optimizer)
@@ -104,6 +107,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         check_number("model.prior_loss_weight", prior_loss_weight, minimum=0.0)
         self.prior_loss_weight = prior_loss_weight
         self.size_condition_dropout = check_size_condition_dropout(size_condition_dropout, text_encoder)
+        self.channels_last = channels_last
         if self.lora and not self.pretrained:
             raise LoraError("model.lora trains adapters on released weights: set model.pretrained.path (an SD file "
                             "or a diffusers folder, e.g. a run's model/ folder)")
@@ -291,7 +295,10 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         options = self.loss_options
         batch = self.objective.noised_batch(latents, noise, input_noise, levels, self.alphas_cumprod)
         vector_argument = () if vector is None else (vector,)
-        prediction = self.unet(batch.model_input, batch.timesteps, context, *vector_argument)
+        model_input = batch.model_input
+        if self.channels_last:
+            model_input = model_input.contiguous(memory_format=torch.channels_last)
+        prediction = self.unet(model_input, batch.timesteps, context, *vector_argument)
         delta = None
         if options.loss_type != "mse":
             delta = huber_delta(options.huber_schedule, options.huber_delta, batch.snr, batch.noise_fraction)
@@ -372,6 +379,21 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         for k, value in enumerate(per_bin.tolist()):
             self.log(f"val/loss_bin_{k}", value, sync_dist=True)  # equal on every rank: the mean keeps it
         self.log("val/loss_stratified", float(per_bin.mean()), sync_dist=True)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for optimizers that unscale inside step() (fused
+        # AdamW), because of fp16's gradient scaler. Without a scaler (bf16-mixed, 32-true) the gradients are
+        # already true values, so clipping them here is what Lightning would do; with a scaler it still refuses.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [*self.unet.parameters(), *(self.text_encoder.parameters() if self.lora else ())]

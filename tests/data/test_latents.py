@@ -210,3 +210,31 @@ def test_several_towers_precompute_their_concatenated_states_and_the_pooled_embe
                                                                  if k not in ("text_states", "text_pooled")})
     torch.testing.assert_close(context, encoded_context, atol=2e-3, rtol=1e-2)  # stored as float16
     torch.testing.assert_close(vector, encoded_vector, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_the_builtin_set_precomputed_is_what_data_demo_latents_reads(tmp_path):
+    """--builtin writes the built-in set and encodes its train and val shards with the text states, where
+    configs/data/demo_latents.yaml (what `make demo` trains on) finds them; its states are the text encoder's."""
+    data_dir = tmp_path / "data"
+    summary = tool.main(["--builtin", str(data_dir), "--out-dir", str(data_dir / "demo-latents"), "--vae", VAE,
+                         "--text-encoder", TEXT, "--resolution", "32", "--batch-size", "256"])
+    assert summary["written"] == 17 and not summary["failed"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=["experiment=demo", "data=demo_latents",
+                                                                    "data.num_workers=0"])
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+    import hydra
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["latent_mean"].shape == (64, 4, 8, 8) and batch["text_states"].shape == (64, 16, 64)
+    text_encoder = hydra.utils.instantiate(cfg.model.text_encoder).eval()
+    with torch.no_grad():
+        expected = text_encoder(batch["caption"][:4])
+    # Stored as float16: about 3 significant digits.
+    torch.testing.assert_close(batch["text_states"][:4], expected, rtol=2e-3, atol=2e-3)

@@ -103,3 +103,35 @@ def test_encode_images_gives_scaled_latents_without_gradients():
     assert not latents.requires_grad
     module.sample_posterior = False
     assert torch.equal(module.encode_images(images), module.vae.encode(images).mode() * 0.5)
+
+
+def test_fused_adamw_with_bf16_mixed_clips_the_gradient_norm():
+    """Lightning refuses to clip for a fused optimizer under mixed precision; without fp16's scaler the module
+    clips itself, so the demo's fused AdamW trains in bf16-mixed with its gradient clipping."""
+    module = tiny_module("model.optimizer.fused=true", "model.lr_schedule=null")
+    norms_at_step: list[float] = []
+
+    class RecordNormOfTheStep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # The gradients the optimizer stepped with: the next batch's closure zeroes them.
+            grads = [p.grad for p in pl_module.unet.parameters() if p.grad is not None]
+            norms_at_step.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    clip = 1e-3  # far below the unclipped norm of a fresh U-Net's gradient, so clipping must have acted
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, precision="bf16-mixed", gradient_clip_val=clip,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RecordNormOfTheStep()])
+    trainer.fit(module, DataLoader(CaptionedNoise(), batch_size=4))
+    assert trainer.optimizers[0].defaults["fused"]
+    assert len(norms_at_step) == 2 and all(norm <= clip * 1.01 for norm in norms_at_step)
+
+
+def test_channels_last_input_gives_the_same_loss():
+    """channels_last changes the memory order of the U-Net's input only: the loss is the same number."""
+    module = tiny_module()
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = module.encode_captions(CAPTIONS * 2)
+    plain = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
+    module.channels_last = True
+    reordered = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(reordered, plain, rtol=1e-5, atol=1e-6)  # convolution kernels may sum in another order
