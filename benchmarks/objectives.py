@@ -41,8 +41,9 @@ from ldm.pipeline import TextToImagePipeline  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {
     "epsilon": {"overrides": [], "steps": 50},
-    "flow (logit-normal)": {"overrides": ["model/objective=flow", "model.loss_weighting=uniform"], "steps": 50},
-    "edm": {"overrides": ["model/objective=edm", "model.loss_weighting=uniform"], "steps": 25},
+    "flow (logit-normal)": {"overrides": ["model/objective=flow", "model.loss_weighting=uniform",
+                                      "callbacks.sample_grid.sampler=null"], "steps": 50},
+    "edm": {"overrides": ["model/objective=edm", "model.loss_weighting=uniform", "callbacks.sample_grid.sampler=null"], "steps": 25},
 }
 FULL_SYNTHETIC = dict(num_train=4096, num_val=256, samples_per_shard=256, resolution=32, seed=0)
 TINY_SYNTHETIC = dict(num_train=256, num_val=64, samples_per_shard=64, resolution=32, seed=0)
