@@ -73,13 +73,14 @@ def test_notebook_runs_without_error_and_draws_its_figures(name, cache_dir):
     assert sum(expected) > 0
     assert image_counts(executed) == expected  # every figure of the stored run, drawn by the same cell
     if name == "05_inside_the_unet":
-        match = re.search(r"colour-word attention on the shape: ([\d.]+); shape's area share: ([\d.]+)",
-                          text_output(executed))
+        match = re.search(r"colour-word attention on the shape: ([\d.]+); shape's area share: ([\d.]+) "
+                          r"\([\d.]+x, ([-\d.]+) standard errors above\)", text_output(executed))
         assert match, "notebook 5 no longer prints its attention measurement"
-        colour_share, area_share = map(float, match.groups())
-        # A word read alike by every pixel scores the area share; sampling noise over 108 images is a few
-        # hundredths, so 1.3x the area share is a localisation no uniform reading reaches.
-        assert colour_share > 1.3 * area_share, (colour_share, area_share)
+        colour_share, area_share, standard_errors = map(float, match.groups())
+        # The head is chosen on other images than it is measured on, so a head reading the word alike
+        # everywhere scores the area share up to sampling noise: 3 standard errors is a one-sided p of
+        # about 0.001 that the localisation is noise.
+        assert colour_share > area_share and standard_errors > 3, (colour_share, area_share, standard_errors)
 
 
 @pytest.mark.parametrize("name", NAMES)
