@@ -103,14 +103,18 @@ def test_the_sample_tool_and_eval_options_set_the_micro_conditioning(module, tmp
     from ldm.tools.sample import main as sample_main
 
     folder = export_module(module, tmp_path / "model", format="diffusers")
-    (path,) = sample_main(["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "6", "--guidance-scale", "2",
-                           "--sampler", "ddim", "--seed", "5", "--height", "32", "--width", "48",
-                           "--crop-coords", "16", "24", "--out-dir", str(tmp_path / "samples")])
-    expected = TextToImagePipeline.from_pretrained(folder)(
-        [PROMPTS[0]], height=32, width=48, num_inference_steps=6, guidance_scale=2.0, sampler="ddim", seed=5,
-        crop_coords=(16, 24))
-    written = torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
-    assert (written - expected[0]).abs().max() <= 1 / 255 + 1e-6  # PNG rounding
+    pipeline = TextToImagePipeline.from_pretrained(folder)
+    settings = dict(height=32, width=48, num_inference_steps=6, guidance_scale=2.0, sampler="ddim", seed=5)
+    default = pipeline([PROMPTS[0]], **settings)
+    conditions = {"crop-coords": (16, 24), "original-size": (64, 96), "target-size": (40, 56)}
+    for option, value in conditions.items():
+        (path,) = sample_main(["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "6", "--guidance-scale", "2",
+                               "--sampler", "ddim", "--seed", "5", "--height", "32", "--width", "48",
+                               f"--{option}", *map(str, value), "--out-dir", str(tmp_path / option)])
+        expected = pipeline([PROMPTS[0]], **settings, **{option.replace("-", "_"): value})
+        assert (expected - default).abs().max() > 1e-3, option  # each condition reaches the U-Net's vector
+        written = torch.from_numpy(numpy.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+        assert (written - expected[0]).abs().max() <= 1 / 255 + 1e-6, option  # PNG rounding
     options = build_options(EvalOptions, {"micro_conditioning": {"crop_coords": [16, 24]}}, "eval")
     assert options.micro_conditioning == {"crop_coords": [16, 24]}
     with pytest.raises(ValueError, match="eval.micro_conditioning.aspect"):

@@ -83,6 +83,12 @@ def test_misconfigured_sdxl_parts_stop_at_start_up_naming_the_key():
     with pytest.raises(ValueError, match=r"size_conditions=\['original_size', 'crop_coords', 'target_size'\].*"
                                          r"data.buckets"):
         module.setup("fit")
+    # each bucket side is checked against the VAE x U-Net factor at start-up, naming the bucket
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=32, buckets=[[32, 32], [32, 36]]))
+    with pytest.raises(ValueError, match=r"data.buckets\[1\]=\[32, 36\]: 36 px"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=32, buckets=[[32, 32], [32, 64]]))
+    module.setup("fit")
 
 
 def test_demo_xl_composes_an_sdxl_style_model_on_the_multi_aspect_set_with_crops():
