@@ -32,9 +32,32 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# Every array of a latent shard has one of a few headers; numpy parses each header with ast.literal_eval, which
+# costs more than the copy of the array itself. Parsed headers are kept by their bytes: (dtype, shape, offset).
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
 def load_npy(data: bytes) -> np.ndarray:
-    """.npy bytes -> array; never unpickles (a shard cannot run code)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """.npy bytes -> array (a writable copy); never unpickles (a shard cannot run code)."""
+    if data[:8] != _NPY_MAGIC or len(data) < 10:  # other versions go through numpy's own reader
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    header = data[10:offset]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        stream = io.BytesIO(data)
+        np.lib.format.read_magic(stream)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        if fortran_order or dtype.hasobject:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        parsed = _NPY_HEADERS.setdefault(header, (dtype, shape, offset)) if len(_NPY_HEADERS) < 256 else \
+            (dtype, shape, offset)
+    dtype, shape, offset = parsed
+    count = int(np.prod(shape))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: {len(data) - offset} bytes for shape {shape} of {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
 
 
 def latent_sample_files(

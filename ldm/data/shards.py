@@ -51,8 +51,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MODES = ("resampled", "exactly_once")
 # A worker that skips this many samples in a row, before yielding any, is reading unusable data.
 MAX_SKIPS_BEFORE_FIRST_SAMPLE = 10_000
+# The modification time ldm writes into shard members: an integer keeps tarfile from adding a pax header to
+# every member (a float time needs one), which halves the headers a reader parses; a fixed one makes the same
+# input give byte-identical shards.
+SHARD_MTIME = 0
 
-__all__ = ["ImageTextDataset", "ShardStream", "collate_samples", "expand_shards", "image_text_dataset",
+__all__ = ["SHARD_MTIME", "ImageTextDataset", "ShardStream", "collate_samples", "expand_shards", "image_text_dataset",
            "read_tar_samples", "resize_and_crop"]
 
 
@@ -196,25 +200,16 @@ def _close_quietly(stream) -> None:
         pass
 
 
-class _ReadMode:
-    """Shared by a stream's shard readers: while ``skipping``, local shards give their samples from
-    the tar headers alone (``tar_index``), and decoding is not asked of them."""
-
-    def __init__(self, skipping: bool = False) -> None:
-        self.skipping = skipping
-
-
-def _shard_samples(url: str, counter: SkipCounter, read_mode: _ReadMode) -> Iterator[dict]:
-    """``read_tar_samples(url)``; while ``read_mode.skipping``, header-only entries where the shard allows."""
-    index = tar_index(url) if read_mode.skipping else None
+def _shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
+    """The raw samples of one shard. A local, plain, undamaged tar gives header-only entries (``tar_index``),
+    whose files ``_decoded`` reads when it needs them: a resumed stream walks over consumed samples without
+    reading them, and a read costs a seek instead of tarfile's header parsing. Other shards (remote, compressed,
+    damaged) are read by ``read_tar_samples``, which counts their damage."""
+    index = tar_index(url)
     if index is None:
         yield from read_tar_samples(url, counter)
         return
-    for entry in index:
-        if not read_mode.skipping:  # reading from here on: hand over to the reader at this sample's header
-            yield from read_tar_samples(url, counter, start=entry["__offset__"])
-            return
-        yield entry
+    yield from index
 
 
 def _fast_forward(items: Iterator[tuple[int, dict]], position: int, keep: set[int]) -> list[tuple[int, dict]]:
@@ -338,9 +333,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         counter.take_new()  # counts from an earlier iteration were reported there
         start_totals = (counter.damage_total, counter.shard_damage_total)
         order_rng = np.random.default_rng([self.seed, self.rank, worker, epoch])
-        read_mode = _ReadMode(skipping=start is not None)
         if self.mode == "resampled":
-            raw = self._resampled_samples(worker, num_workers, order_rng, counter, read_mode)
+            raw = self._resampled_samples(worker, num_workers, order_rng, counter)
         else:
             raw = self._exactly_once_samples(worker, num_workers, counter)
         items: Iterator[tuple[int, dict]] = enumerate(raw)
@@ -351,7 +345,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 kept = _fast_forward(items, start.position, set(start.pending))
             finally:
                 counter.muted = False
-            read_mode.skipping = False
             counter.update(start.skipped)  # for the skip-rate ceiling; reported before, so not again
             counter.take_new()
             items = itertools.chain(kept, items)
@@ -414,7 +407,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield finish(members, last_position + 1, batcher.pending())
 
     def _resampled_samples(
-        self, worker: int, num_workers: int, rng: np.random.Generator, counter: SkipCounter, read_mode: _ReadMode
+        self, worker: int, num_workers: int, rng: np.random.Generator, counter: SkipCounter
     ) -> Iterator[dict]:
         streams = []
         for source in self.sources:
@@ -422,18 +415,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             # Workers take disjoint shards when the rank has enough; else each draws its own random
             # order over all of them (seeded by worker), which is as good for an endless stream.
             worker_urls = rank_urls[worker::num_workers] if len(rank_urls) >= num_workers else rank_urls
-            streams.append(self._endless_passes(worker_urls, rng, counter, read_mode))
+            streams.append(self._endless_passes(worker_urls, rng, counter))
         raw = streams[0] if len(streams) == 1 else _mixed(streams, self.source_weights, rng)
         if self.shuffle_buffer > 1:
             raw = _buffer_shuffle(raw, self.shuffle_buffer, rng)
         return raw
 
-    def _endless_passes(self, urls: list[str], rng: np.random.Generator, counter: SkipCounter,
-                        read_mode: _ReadMode) -> Iterator[dict]:
+    def _endless_passes(self, urls: list[str], rng: np.random.Generator, counter: SkipCounter) -> Iterator[dict]:
         while True:
             samples_read = 0
             for index in rng.permutation(len(urls)):
-                for raw in _shard_samples(urls[index], counter, read_mode):
+                for raw in _shard_samples(urls[index], counter):
                     samples_read += 1
                     yield raw
             if samples_read == 0:
@@ -466,7 +458,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         skipped_before_first = -1 if samples_read else 0
         for position, raw in items:
             samples_read += 1
-            if "__members__" in raw:  # read by header only while the stream was walked over
+            if "__members__" in raw:  # a header-only entry of a local tar: its files are read now
                 raw = load_indexed_sample(raw)
             rng = np.random.default_rng([*draw_seed, position]) if draw_seed is not None else None
             sample = self.decode_checked(raw, rng, counter)

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.atomic import atomic_write
+from ldm.data.shards import SHARD_MTIME
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)  # fixed mtime/owner, so the same seed gives byte-identical shards
     info.size = len(data)
     info.mode = 0o644
-    info.mtime = 0
+    info.mtime = SHARD_MTIME
     tar.addfile(info, io.BytesIO(data))
 
 

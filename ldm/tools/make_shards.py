@@ -26,6 +26,7 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.atomic import atomic_write
+from ldm.data.shards import SHARD_MTIME
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -100,7 +101,7 @@ def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard
         if first is None:
             break
         target = out_dir / f"{shard:05d}.tar"
-        with atomic_write(target) as temporary, wds.TarWriter(str(temporary), encoder=False) as writer:
+        with atomic_write(target) as temporary, wds.TarWriter(str(temporary), encoder=False, mtime=SHARD_MTIME) as writer:
             for index, (record, extension, data, width, height) in enumerate(
                     itertools.chain([first], itertools.islice(entries, samples_per_shard - 1))):
                 key = f"{shard:05d}{index:0{digits}d}"

@@ -42,7 +42,7 @@ from ldm.checkpoints import load_weights
 from ldm.data.buckets import Bucket, resolve_buckets
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
-from ldm.data.shards import ImageTextDataset, expand_shards
+from ldm.data.shards import SHARD_MTIME, ImageTextDataset, expand_shards
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import ensure_synthetic_dataset
 from ldm.ranks import rank_and_world_size
@@ -111,7 +111,7 @@ def encode_shard(
     loader = torch.utils.data.DataLoader(dataset, batch_size=None)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with atomic_write(target) as temporary:
-        with wds.TarWriter(str(temporary), encoder=False) as writer:
+        with wds.TarWriter(str(temporary), encoder=False, mtime=SHARD_MTIME) as writer:
             for batch in loader:
                 with autocast:
                     posterior = vae.encode(batch["image"].to(device))

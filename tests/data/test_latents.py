@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -78,6 +79,24 @@ def test_latent_shards_keep_keys_captions_and_store_the_posterior(image_shards, 
         torch.testing.assert_close(text, states[0], atol=5e-3, rtol=5e-3)
         metadata = json.loads(files[f"{key}.json"])
         assert metadata["original_size"] == [32, 32] and metadata["shape"] in ("circle", "square", "triangle")
+    with tarfile.open(latent_dir / image_shards[0].name) as archive:  # integer times: no pax header per member
+        assert all(member.pax_headers == {} and member.mtime == 0 for member in archive.getmembers())
+
+
+@pytest.mark.parametrize("array", [numpy.arange(24, dtype=numpy.float16).reshape(2, 3, 4),
+                                   numpy.ones((77, 8), dtype=numpy.float32), numpy.array(3.5),
+                                   numpy.zeros((0, 4), dtype=numpy.int64), numpy.arange(6, dtype=">f4")])
+def test_npy_reading_equals_numpys_and_refuses_truncated_data(array):
+    from ldm.data.latents import npy_bytes
+
+    data = npy_bytes(array)
+    for _ in range(2):  # the first read parses the header, the second reuses it
+        loaded = load_npy(data)
+        assert loaded.dtype == array.dtype and loaded.shape == array.shape and numpy.array_equal(loaded, array)
+        assert loaded.flags.writeable
+    if array.size:
+        with pytest.raises(ValueError):
+            load_npy(data[:-1])
 
 
 def test_a_rerun_resumes_and_parts_split_the_shards(image_shards, latent_dir, vae_weights, tmp_path):
