@@ -2,7 +2,8 @@
 
 Runs ``experiment=demo_lora`` (the known shapes held by real images), ``experiment=demo_dreambooth`` (held by
 the base model's generated images) and demo_lora on the crosses alone (nothing held) from the demo model, each
-through train.py, then samples the base model and each fine-tune with the same seeds:
+through train.py (timing each run's wall clock, start-up and export included), then samples the base model and
+each fine-tune with the same sampler and seeds (DPM-Solver++(2M), 10 steps, guidance 2 by default):
 
 - the cross: for each of the 18 "a <colour> cross on a <background> background" prompts, how often the
   pixel classifier reads a cross (and all three facts);
@@ -10,7 +11,7 @@ through train.py, then samples the base model and each fine-tune with the same s
 - the LoRA file's size in both layouts, and the trainable fraction of the model's parameters;
 - the classifier itself on real rendered crosses (and the other shapes), so the figures can be trusted.
 
-    python benchmarks/lora.py [--model outputs/train/demo/<time>/model] [--images-per-prompt 4]
+    python benchmarks/lora.py [--model outputs/train/demo/<time>/model] [--images-per-prompt 8] [--runs lora]
     python benchmarks/lora.py --trained lora=outputs/train/demo_lora/<time>   # measure a finished run
 
 Writes benchmarks/results/lora.json.

@@ -3,7 +3,7 @@
 ``data=latents`` trains without the VAE encoder and the text tower in the step, but needs a separate
 ``precompute_latents`` run with the right weights. A fine-tune of a small set (LoRA, ``experiment=demo_lora``)
 can do the same in one command: before the first step, the model's own frozen VAE and text encoder encode the
-set (``ldm.tools.precompute_latents``, a second or so for the demo's 126 images) and training reads the
+set (``ldm.tools.precompute_latents``, under a second for the demo's 126 images) and training reads the
 result as ``data=latents`` would. So the stored latents can come from no other weights than the run's.
 """
 
