@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.data.datamodule import LatentShardDataModule
+from ldm.interchange.frozen_files import file_sha256
 from ldm.tools.precompute_latents import output_name, precompute_latents
 
 
@@ -29,7 +30,7 @@ def weights_fingerprint(*modules: nn.Module, files: list[str] = ()) -> str:
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     for path in files:
-        digest.update(Path(path).read_bytes())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -51,8 +51,9 @@ def load_npy(data: bytes) -> np.ndarray:
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
         if fortran_order or dtype.hasobject:
             return np.load(io.BytesIO(data), allow_pickle=False)
-        parsed = _NPY_HEADERS.setdefault(header, (dtype, shape, offset)) if len(_NPY_HEADERS) < 256 else \
-            (dtype, shape, offset)
+        parsed = (dtype, shape, offset)
+        if len(_NPY_HEADERS) < 256:  # shards of other shapes cannot grow it without bound
+            _NPY_HEADERS[header] = parsed
     dtype, shape, offset = parsed
     count = int(np.prod(shape))
     if len(data) - offset < count * dtype.itemsize:

@@ -120,7 +120,7 @@ class _TailRecorder:
 
 
 def read_tar_samples(
-    url: str, skip_counter: SkipCounter, count_shard_errors: bool = True, start: int = 0
+    url: str, skip_counter: SkipCounter, count_shard_errors: bool = True
 ) -> Iterator[dict[str, bytes | str]]:
     """Raw samples of one tar shard: ``{"__key__", "__url__", ext: bytes, ...}``, files grouped by key.
 
@@ -128,7 +128,6 @@ def read_tar_samples(
     way (truncated or damaged tar) ends the shard as ``truncated_tar`` and drops the sample whose
     file it cut (a sample whose files were all read before the cut is still yielded).
     ``count_shard_errors=False``: such errors are not counted (another reader of the shard counts them).
-    ``start``: the byte offset of a member header to begin at (a seekable local shard).
     """
 
     def shard_error(reason: str, error: Exception) -> None:
@@ -136,10 +135,7 @@ def read_tar_samples(
             skip_counter.add(reason, f"{url}: {type(error).__name__}: {error}", shard=url)
 
     try:
-        opened = gopen(url)
-        if start:
-            opened.seek(start)
-        stream = _TailRecorder(opened)
+        stream = _TailRecorder(gopen(url))
     except Exception as error:  # missing file, no permission, failed command...
         shard_error("unreadable_shard", error)
         return
