@@ -7,9 +7,11 @@ VAE_WEIGHTS := models/demo/vae.safetensors
 # The built-in set's VAE posteriors and text states, computed once (configs/data/demo_latents.yaml reads them).
 DEMO_LATENTS := data/demo-latents
 export HF_HUB_OFFLINE ?= 1
-# On a shared CPU, OpenMP threads that busy-wait for each other stall when other processes hold the
-# cores (measured here: 22.7 s vs 0.54 s per demo U-Net step under load); passive waiting avoids it.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP threads that busy-wait for each other stall when other processes hold the cores (measured here:
+# 22.7 s vs 0.54 s per demo U-Net step under load), so `make test`, whose tests run training processes
+# beside each other, waits passively. `make demo` runs alone and keeps libgomp's default (spin briefly,
+# then sleep): passive waiting slowed its step (benchmarks/train_step.py, demo_step).
+test: export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test gpu-check gpu-wheels
 

@@ -60,7 +60,7 @@ SETTINGS = {
     "dry_run": {
         "device": "cpu", "time_limit_s": 600,  # a shared CPU under load: generous
         "train_step": {256: ["--sizes", "tiny", "--batch", "2"]},
-        "train_step_common": ["--precisions", "bf16", "--steps", "1", "--warmup", "0"],
+        "train_step_common": ["--precisions", "bf16", "--steps", "1", "--warmup", "0", "--demo-rounds", "1"],
         "memory": {"size": "tiny", "batch": 2},
         "pipeline": {"model": "tiny", "resolution": 32, "steps": 2, "batch": 1, "repeats": 1, "dtype": "fp32"},
         "training": {"steps": 4, "batch": 4, "trainer": "cpu"},

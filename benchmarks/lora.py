@@ -79,7 +79,7 @@ def train(experiment: str, overrides: list[str], base: Path, run_dir: Path) -> f
     command = [sys.executable, "train.py", f"experiment={experiment}", f"model.pretrained.path={base}",
                "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the Makefile: busy-waiting threads stall a shared CPU
+    environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `make test`: busy-waiting threads stall a shared CPU
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     seconds = time.perf_counter() - started

@@ -13,11 +13,12 @@ MFU = achieved FLOP/s over the device's peak: on GPUs the data-sheet dense bf16 
     python benchmarks/train_step.py --device cuda            # GPU: tiny and SD 2.x base at 256 px, bf16
     python benchmarks/train_step.py --sizes sd2-base --batch 32 --compile
 
-On the CPU it also times the demo's whole stage-2 step (``demo_step`` in the JSON), four ways alternating
-in one loop over the same weights and batch: ldm's step as ``make demo`` runs it (latents drawn from the
-precomputed VAE posterior, precomputed text states, channels-last input), ldm's step as the demo ran it
-before (VAE encode and text encoder on every batch, NCHW), and diffusers' bare U-Net step in fp32 and bf16.
-Each ldm step is LatentDiffusion's own loss (min-SNR weighted), backward, clipping, fused AdamW and EMA.
+On the CPU it also times the demo's whole stage-2 step (``demo_step`` in the JSON), four ways over the same
+weights and batch, in rounds of one process per way: ldm's step as ``make demo`` runs it (latents drawn from the
+precomputed VAE posterior, precomputed text states, channels-last input, libgomp's default thread waiting),
+ldm's step as the demo ran it before (VAE encode and text encoder on every batch, NCHW, passive waiting), and
+diffusers' bare U-Net step in fp32 and bf16. Each ldm step is LatentDiffusion's own loss (min-SNR weighted),
+backward, clipping, fused AdamW and EMA.
 
 Writes benchmarks/results/train_step.json (or --output). Target on a GPU: >= 40% MFU for SD 2.x base
 at 256 px in bf16, and faster than diffusers.
@@ -26,12 +27,13 @@ at 256 px in bf16, and faster than diffusers.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -195,55 +197,84 @@ class DemoStep:
         return loss.detach()
 
 
-def benchmark_demo_step(args: argparse.Namespace) -> dict:
-    """The demo's stage-2 step now and before, beside diffusers' U-Net step in fp32 and bf16 (CPU)."""
+# The environment each demo-step arm's process starts with. libgomp reads its wait policy once, when torch
+# loads, so each arm runs in processes of its own. Before this issue `make demo` exported passive waiting
+# (OpenMP threads sleep at once between parallel regions); now only `make test` does, and the demo keeps
+# libgomp's default (spin briefly, then sleep). diffusers' steps run as ldm's now.
+DEMO_ARM_ENVIRONMENTS = {"ldm demo now": {}, "ldm demo before": {"OMP_WAIT_POLICY": "PASSIVE"},
+                         "diffusers fp32": {}, "diffusers bf16": {}}
+
+
+def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], float]:
+    """One arm of the demo-step table, ready to run: ldm's demo step now or before, or diffusers' bare U-Net step.
+
+    Every arm gets the same U-Net weights (``build_pair``'s seeded ones) and the same batch of built-in
+    scenes: pixels (B, 3, 32, 32) and captions, or what ``data=demo_latents`` stores for them."""
     from ldm.data.synthetic import caption_for, render_scene, sample_scene_facts
 
-    batch_size = args.batch or SIZES["tiny"]["batch"]["cpu"]
-    now, before = demo_module(channels_last=True), demo_module(channels_last=False)
     unet, reference, config = build_pair("tiny")
-    for module in (now, before):
-        module.unet.load_state_dict(unet.state_dict())
-        module.ema_unet.module.load_state_dict(unet.state_dict())
-    before.vae.load_state_dict(now.vae.state_dict())
+    module = demo_module(channels_last=arm == "ldm demo now")
+    module.unet.load_state_dict(unet.state_dict())
+    module.ema_unet.module.load_state_dict(unet.state_dict())
     facts = sample_scene_facts(batch_size, seed=0, split="train")
     pixels = torch.stack([torch.from_numpy(np.array(render_scene(resolution=32, **f))).float()
                           for f in facts]).permute(0, 3, 1, 2) / 127.5 - 1
     captions = [caption_for(f["shape"], f["colour"], f["background"]) for f in facts]
     with torch.no_grad():  # what data=demo_latents stores: the posterior and the text states, once
-        posterior = now.vae.encode(pixels)
+        posterior = module.vae.encode(pixels)
         stored = {"latent_mean": posterior.mean, "latent_std": posterior.std,
-                  "text_states": now.encode_captions(captions), "caption": captions}
-    images = {"image": pixels, "caption": captions}
-    context = stored["text_states"]
-    latents = stored["latent_mean"] * 0.5
-    bare = {"diffusers fp32": TrainStep(copy_module(reference), False, None, "cpu", False),
-            "diffusers bf16": TrainStep(copy_module(reference), False, torch.bfloat16, "cpu", False)}
-    step_now, step_before = DemoStep(now, precomputed=True), DemoStep(before, precomputed=False)
-    runs = {"ldm demo now": lambda g: step_now(stored, g), "ldm demo before": lambda g: step_before(images, g),
-            **{name: (lambda g, step=step: step(latents, context, g)) for name, step in bare.items()}}
+                  "text_states": module.encode_captions(captions), "caption": captions}
+    if arm == "ldm demo now":
+        step = DemoStep(module, precomputed=True)
+        return lambda generator: step(stored, generator)
+    if arm == "ldm demo before":
+        step = DemoStep(module, precomputed=False)
+        images = {"image": pixels, "caption": captions}
+        return lambda generator: step(images, generator)
+    bare = TrainStep(reference, False, torch.bfloat16 if arm == "diffusers bf16" else None, "cpu", False)
+    latents = stored["latent_mean"] * module.latent_scale_factor
+    return lambda generator: bare(latents, stored["text_states"], generator)
+
+
+def run_demo_arm(arm: str, args: argparse.Namespace) -> list[float]:
+    """Times ``arm`` for --warmup + --steps steps in this process; returns the timed steps' seconds."""
+    step = demo_arm_step(arm, args.batch or SIZES["tiny"]["batch"]["cpu"])
     generator = torch.Generator().manual_seed(1)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    seconds = []
     for index in range(args.warmup + args.steps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(generator)
-            if index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(values) for name, values in times.items()}
-    result = {"batch": batch_size, "seconds_per_step": seconds,
-              "images_per_s": {name: batch_size / s for name, s in seconds.items()},
+        start = time.perf_counter()
+        step(generator)
+        if index >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def benchmark_demo_step(args: argparse.Namespace) -> dict:
+    """The demo's stage-2 step now and before, beside diffusers' U-Net step in fp32 and bf16 (CPU).
+
+    Each round runs every arm once, each in a fresh process with its environment
+    (``DEMO_ARM_ENVIRONMENTS``), so the machine's drifts hit all arms alike; medians over all rounds."""
+    batch_size = args.batch or SIZES["tiny"]["batch"]["cpu"]
+    times: dict[str, list[float]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}
+    for _ in range(args.demo_rounds):
+        for arm, overrides in DEMO_ARM_ENVIRONMENTS.items():
+            environment = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            command = [sys.executable, __file__, "--demo-arm", arm, "--batch", str(batch_size),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            result = subprocess.run(command, env={**environment, **overrides}, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"demo arm {arm!r} failed:\n{result.stderr[-3000:]}")
+            times[arm] += json.loads(result.stdout.strip().splitlines()[-1])
+    seconds = {arm: statistics.median(values) for arm, values in times.items()}
+    result = {"batch": batch_size, "rounds": args.demo_rounds, "steps_per_round": args.steps,
+              "environments": DEMO_ARM_ENVIRONMENTS, "seconds_per_step": seconds,
+              "images_per_s": {arm: batch_size / s for arm, s in seconds.items()},
               "speedup_now_over_before": seconds["ldm demo before"] / seconds["ldm demo now"]}
-    print(f"\nThe demo's stage-2 step, batch {batch_size} (median of {args.steps}):")
-    for name, value in seconds.items():
-        print(f"  {name:16} {1000 * value:8.1f} ms  {batch_size / value:8.1f} img/s")
+    print(f"\nThe demo's stage-2 step, batch {batch_size} (median of {args.demo_rounds} rounds x {args.steps} steps):")
+    for arm, value in seconds.items():
+        print(f"  {arm:16} {1000 * value:8.1f} ms  {batch_size / value:8.1f} img/s  {DEMO_ARM_ENVIRONMENTS[arm] or ''}")
     print(f"  now / before: {result['speedup_now_over_before']:.2f}x faster")
     return result
-
-
-def copy_module(module: torch.nn.Module) -> torch.nn.Module:
-    """An independent copy (its own optimizer state and gradients)."""
-    return copy.deepcopy(module)
 
 
 def cpu_name() -> str:
@@ -268,8 +299,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU")
     parser.add_argument("--no-demo-step", action="store_true", help="on the CPU, skip the demo-step table")
+    parser.add_argument("--demo-rounds", type=int, default=3, help="demo-step rounds (each arm a process per round)")
+    parser.add_argument("--demo-arm", choices=list(DEMO_ARM_ENVIRONMENTS), default=None,
+                        help="internal: time one demo-step arm in this process and print its seconds as JSON")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/train_step.json"))
     args = parser.parse_args()
+    if args.demo_arm:
+        print(json.dumps(run_demo_arm(args.demo_arm, args)))
+        return
     sizes = args.sizes or (["tiny"] if args.device == "cpu" else ["tiny", "sd2-base"])
     # On the CPU, bf16 autocast was measured ~30x slower than fp32 for the tiny U-Net (op overheads).
     precisions = args.precisions or (["fp32"] if args.device == "cpu" else ["bf16"])
