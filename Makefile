@@ -12,6 +12,10 @@ export HF_HUB_OFFLINE ?= 1
 # beside each other, waits passively. `make demo` runs alone and keeps libgomp's default (spin briefly,
 # then sleep): passive waiting slowed its step (benchmarks/train_step.py, demo_step).
 test: export OMP_WAIT_POLICY ?= PASSIVE
+# glibc serves allocations above its mmap threshold (adaptive, from 128 KiB) with fresh mappings and trims
+# the heap's free top, so the demo's megabyte-sized activations could be page-faulted anew at every step; a
+# fixed 32 MiB mmap threshold and a 256 MiB trim threshold keep them in the heap (benchmarks/train_step.py).
+demo: export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456
 
 .PHONY: install demo test gpu-check gpu-wheels
 

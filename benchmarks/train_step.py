@@ -15,10 +15,10 @@ MFU = achieved FLOP/s over the device's peak: on GPUs the data-sheet dense bf16 
 
 On the CPU it also times the demo's whole stage-2 step (``demo_step`` in the JSON), four ways over the same
 weights and batch, in rounds of one process per way: ldm's step as ``make demo`` runs it (latents drawn from the
-precomputed VAE posterior, precomputed text states, channels-last input, libgomp's default thread waiting),
-ldm's step as the demo ran it before (VAE encode and text encoder on every batch, NCHW, passive waiting), and
-diffusers' bare U-Net step in fp32 and bf16. Each ldm step is LatentDiffusion's own loss (min-SNR weighted),
-backward, clipping, fused AdamW and EMA.
+precomputed VAE posterior, precomputed text states, channels-last input, the environment ``make demo`` exports),
+ldm's step as the demo ran it before (VAE encode and text encoder on every batch, NCHW, passive thread waiting,
+GEGLU chunking one projection's output), and diffusers' bare U-Net step in fp32 and bf16. Each ldm step is
+LatentDiffusion's own loss (min-SNR weighted), backward, clipping, fused AdamW and EMA.
 
 Writes benchmarks/results/train_step.json (or --output). Target on a GPU: >= 40% MFU for SD 2.x base
 at 256 px in bf16, and faster than diffusers.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -197,12 +198,31 @@ class DemoStep:
         return loss.detach()
 
 
-# The environment each demo-step arm's process starts with. libgomp reads its wait policy once, when torch
-# loads, so each arm runs in processes of its own. Before this issue `make demo` exported passive waiting
-# (OpenMP threads sleep at once between parallel regions); now only `make test` does, and the demo keeps
-# libgomp's default (spin briefly, then sleep). diffusers' steps run as ldm's now.
-DEMO_ARM_ENVIRONMENTS = {"ldm demo now": {}, "ldm demo before": {"OMP_WAIT_POLICY": "PASSIVE"},
-                         "diffusers fp32": {}, "diffusers bf16": {}}
+def make_demo_environment(makefile: Path = ROOT / "Makefile") -> dict[str, str]:
+    """The variables ``make demo`` exports (its ``demo: export NAME ?= VALUE`` lines), as the demo runs."""
+    pattern = re.compile(r"^demo: export (\w+) \?= (\S+)\s*$")
+    return dict(match.groups() for line in makefile.read_text().splitlines() if (match := pattern.match(line)))
+
+
+# The environment each demo-step arm's process starts with. libgomp reads its wait policy and glibc its malloc
+# tunables once, at start, so each arm runs in processes of its own. Before this issue `make demo` exported
+# passive waiting (OpenMP threads sleep at once between parallel regions) and nothing else; now it exports
+# what ``make_demo_environment`` reads. diffusers' steps run in ldm's current environment.
+DEMO_ARM_ENVIRONMENTS = {"ldm demo now": make_demo_environment(), "ldm demo before": {"OMP_WAIT_POLICY": "PASSIVE"},
+                         "diffusers fp32": make_demo_environment(), "diffusers bf16": make_demo_environment()}
+# Variables of the calling shell that would change an arm's environment.
+ARM_ENVIRONMENT_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES")
+
+
+class CalledProjection(torch.nn.Module):
+    """Wraps GEGLU's projection so GEGLU calls it as a module and chunks its output, as before this issue."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], float]:
@@ -211,6 +231,8 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
     Every arm gets the same U-Net weights (``build_pair``'s seeded ones) and the same batch of built-in
     scenes: pixels (B, 3, 32, 32) and captions, or what ``data=demo_latents`` stores for them."""
     from ldm.data.synthetic import caption_for, render_scene, sample_scene_facts
+
+    from ldm.models.attention import GEGLU
 
     unet, reference, config = build_pair("tiny")
     module = demo_module(channels_last=arm == "ldm demo now")
@@ -228,6 +250,8 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
         step = DemoStep(module, precomputed=True)
         return lambda generator: step(stored, generator)
     if arm == "ldm demo before":
+        for geglu in [m for m in module.unet.modules() if isinstance(m, GEGLU)]:
+            geglu.proj = CalledProjection(geglu.proj)
         step = DemoStep(module, precomputed=False)
         images = {"image": pixels, "caption": captions}
         return lambda generator: step(images, generator)
@@ -256,23 +280,27 @@ def benchmark_demo_step(args: argparse.Namespace) -> dict:
     (``DEMO_ARM_ENVIRONMENTS``), so the machine's drifts hit all arms alike; medians over all rounds."""
     batch_size = args.batch or SIZES["tiny"]["batch"]["cpu"]
     times: dict[str, list[float]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}
+    round_medians: dict[str, list[float]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}
     for _ in range(args.demo_rounds):
         for arm, overrides in DEMO_ARM_ENVIRONMENTS.items():
-            environment = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            environment = {k: v for k, v in os.environ.items() if k not in ARM_ENVIRONMENT_KEYS}
             command = [sys.executable, __file__, "--demo-arm", arm, "--batch", str(batch_size),
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]
             result = subprocess.run(command, env={**environment, **overrides}, capture_output=True, text=True)
             if result.returncode != 0:
                 raise SystemExit(f"demo arm {arm!r} failed:\n{result.stderr[-3000:]}")
-            times[arm] += json.loads(result.stdout.strip().splitlines()[-1])
+            seconds_this_round = json.loads(result.stdout.strip().splitlines()[-1])
+            times[arm] += seconds_this_round
+            round_medians[arm].append(statistics.median(seconds_this_round))
     seconds = {arm: statistics.median(values) for arm, values in times.items()}
     result = {"batch": batch_size, "rounds": args.demo_rounds, "steps_per_round": args.steps,
               "environments": DEMO_ARM_ENVIRONMENTS, "seconds_per_step": seconds,
+              "round_median_seconds_per_step": round_medians,
               "images_per_s": {arm: batch_size / s for arm, s in seconds.items()},
               "speedup_now_over_before": seconds["ldm demo before"] / seconds["ldm demo now"]}
     print(f"\nThe demo's stage-2 step, batch {batch_size} (median of {args.demo_rounds} rounds x {args.steps} steps):")
     for arm, value in seconds.items():
-        print(f"  {arm:16} {1000 * value:8.1f} ms  {batch_size / value:8.1f} img/s  {DEMO_ARM_ENVIRONMENTS[arm] or ''}")
+        print(f"  {arm:16} {1000 * value:8.1f} ms  {batch_size / value:8.1f} img/s  {' '.join(DEMO_ARM_ENVIRONMENTS[arm])}")
     print(f"  now / before: {result['speedup_now_over_before']:.2f}x faster")
     return result
 

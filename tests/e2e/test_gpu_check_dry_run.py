@@ -31,3 +31,18 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
     assert sections["pipeline_512"]["max_abs_pixel_difference"] < 1e-4
     losses = sections["training_run"]["losses"]
     assert len(losses) == sections["training_run"]["steps"] and all(math.isfinite(loss) for loss in losses)
+    demo_step = sections["train_step_256"]["demo_step"]
+    assert set(demo_step["seconds_per_step"]) == {"ldm demo now", "ldm demo before", "diffusers fp32", "diffusers bf16"}
+
+
+def test_the_demo_step_benchmark_runs_in_the_environment_make_demo_exports(tmp_path):
+    """The "now" arm reads `make demo`'s exports from the Makefile, so it times what the demo runs."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.train_step import make_demo_environment
+
+    makefile = tmp_path / "Makefile"
+    makefile.write_text("test: export OMP_WAIT_POLICY ?= PASSIVE\ndemo: export A_B ?= x=1:y=2\ndemo: $(STAMP)\n")
+    assert make_demo_environment(makefile) == {"A_B": "x=1:y=2"}
+    assert "glibc.malloc.mmap_threshold=" in make_demo_environment()["GLIBC_TUNABLES"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models.attention import CrossAttention
+from ldm.models.attention import GEGLU, CrossAttention
 from ldm.models.unet import UNetModel, timestep_embedding
 
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2), num_heads=4,
@@ -132,6 +132,41 @@ def test_cross_attention_matches_explicit_softmax_attention():
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(4), dim=-1)
     expected = attention.to_out((weights @ v).transpose(1, 2).reshape(2, 6, 12))
     torch.testing.assert_close(attention(x, context), expected)
+
+
+def test_geglu_is_value_times_gelu_of_gate_of_one_projection_in_values_and_gradients():
+    """The two half-products give what one projection chunked into (value, gate) gives, gradients included."""
+    torch.manual_seed(0)
+    geglu = GEGLU(12, 20)
+    x = torch.randn(2, 6, 12, requires_grad=True)
+    out = geglu(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, geglu.proj.weight, geglu.proj.bias])
+    value, gate = F.linear(x, geglu.proj.weight, geglu.proj.bias).chunk(2, dim=-1)
+    expected = value * F.gelu(gate)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, geglu.proj.weight, geglu.proj.bias])
+    assert out.shape == (2, 6, 20) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_geglu_calls_a_wrapped_projection_as_a_module():
+    """A projection that is no plain Linear (as a LoRA adapter wraps it) is called, so its extra path counts."""
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    torch.manual_seed(0)
+    geglu = GEGLU(12, 20)
+    x = torch.randn(2, 6, 12)
+    value, gate = (2 * geglu.proj(x)).chunk(2, dim=-1)
+    geglu.proj = Doubled(geglu.proj)
+    torch.testing.assert_close(geglu(x), value * F.gelu(gate))
 
 
 def test_attention_probs_are_the_weights_that_forward_applies():
