@@ -208,8 +208,9 @@ def make_demo_environment(makefile: Path = ROOT / "Makefile") -> dict[str, str]:
 # tunables once, at start, so each arm runs in processes of its own. Before this issue `make demo` exported
 # passive waiting (OpenMP threads sleep at once between parallel regions) and nothing else; now it exports
 # what ``make_demo_environment`` reads. diffusers' steps run in ldm's current environment.
-DEMO_ARM_ENVIRONMENTS = {"ldm demo now": make_demo_environment(), "ldm demo before": {"OMP_WAIT_POLICY": "PASSIVE"},
-                         "diffusers fp32": make_demo_environment(), "diffusers bf16": make_demo_environment()}
+DEMO_ENVIRONMENT = make_demo_environment()
+DEMO_ARM_ENVIRONMENTS = {"ldm demo now": DEMO_ENVIRONMENT, "ldm demo before": {"OMP_WAIT_POLICY": "PASSIVE"},
+                         "diffusers fp32": DEMO_ENVIRONMENT, "diffusers bf16": DEMO_ENVIRONMENT}
 # Variables of the calling shell that would change an arm's environment.
 ARM_ENVIRONMENT_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES")
 
@@ -231,7 +232,6 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
     Every arm gets the same U-Net weights (``build_pair``'s seeded ones) and the same batch of built-in
     scenes: pixels (B, 3, 32, 32) and captions, or what ``data=demo_latents`` stores for them."""
     from ldm.data.synthetic import caption_for, render_scene, sample_scene_facts
-
     from ldm.models.attention import GEGLU
 
     unet, reference, config = build_pair("tiny")
@@ -279,8 +279,7 @@ def benchmark_demo_step(args: argparse.Namespace) -> dict:
     Each round runs every arm once, each in a fresh process with its environment
     (``DEMO_ARM_ENVIRONMENTS``), so the machine's drifts hit all arms alike; medians over all rounds."""
     batch_size = args.batch or SIZES["tiny"]["batch"]["cpu"]
-    times: dict[str, list[float]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}
-    round_medians: dict[str, list[float]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}
+    rounds: dict[str, list[list[float]]] = {arm: [] for arm in DEMO_ARM_ENVIRONMENTS}  # seconds per step, per round
     for _ in range(args.demo_rounds):
         for arm, overrides in DEMO_ARM_ENVIRONMENTS.items():
             environment = {k: v for k, v in os.environ.items() if k not in ARM_ENVIRONMENT_KEYS}
@@ -289,13 +288,12 @@ def benchmark_demo_step(args: argparse.Namespace) -> dict:
             result = subprocess.run(command, env={**environment, **overrides}, capture_output=True, text=True)
             if result.returncode != 0:
                 raise SystemExit(f"demo arm {arm!r} failed:\n{result.stderr[-3000:]}")
-            seconds_this_round = json.loads(result.stdout.strip().splitlines()[-1])
-            times[arm] += seconds_this_round
-            round_medians[arm].append(statistics.median(seconds_this_round))
-    seconds = {arm: statistics.median(values) for arm, values in times.items()}
+            rounds[arm].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    seconds = {arm: statistics.median([s for one in per_round for s in one]) for arm, per_round in rounds.items()}
     result = {"batch": batch_size, "rounds": args.demo_rounds, "steps_per_round": args.steps,
               "environments": DEMO_ARM_ENVIRONMENTS, "seconds_per_step": seconds,
-              "round_median_seconds_per_step": round_medians,
+              "round_median_seconds_per_step": {arm: [statistics.median(one) for one in per_round]
+                                                for arm, per_round in rounds.items()},
               "images_per_s": {arm: batch_size / s for arm, s in seconds.items()},
               "speedup_now_over_before": seconds["ldm demo before"] / seconds["ldm demo now"]}
     print(f"\nThe demo's stage-2 step, batch {batch_size} (median of {args.demo_rounds} rounds x {args.steps} steps):")
