@@ -1,8 +1,13 @@
 # The README's two commands: `make demo` (the default experiment, end to end) and `make test`.
-# Both first install what is missing into .venv. torch/torchvision are installed by exact version
-# first: that pair lies on this machine's disk, so pip never resolves a multi-GB download.
+# Both first install what is missing into .venv: the demo what the project needs, the tests also its dev
+# extras (diffusers, notebooks, pytest). torch/torchvision are installed by exact version first: that pair
+# lies on this machine's disk, so pip never resolves a multi-GB download. pip does not byte-compile the
+# installed files (--no-compile): Python compiles the modules a run imports when it first imports them,
+# a fraction of what pip would compile.
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEV_STAMP := $(STAMP)-dev
+PIP_INSTALL := $(PYTHON) -m pip install -q --no-compile
 VAE_WEIGHTS := models/demo/vae.safetensors
 # The built-in set's VAE posteriors and text states, computed once (configs/data/demo_latents.yaml reads them).
 DEMO_LATENTS := data/demo-latents
@@ -19,14 +24,18 @@ demo: export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc
 
 .PHONY: install demo test gpu-check gpu-wheels
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv .venv
-	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
+	$(PIP_INSTALL) -e .
 	rm -f .venv/.installed-*
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 demo: $(STAMP) $(DEMO_LATENTS)/.complete
@@ -43,7 +52,7 @@ $(DEMO_LATENTS)/.complete: $(VAE_WEIGHTS)
 	    --vae configs/model/vae/tiny.yaml --vae-weights $(VAE_WEIGHTS) --text-encoder configs/model/text_encoder/tiny.yaml
 	touch $@
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	WANDB_MODE=offline $(PYTHON) -m pytest
 
 # One prepared run of everything a GPU should prove (benchmarks/gpu_check.py); DRY_RUN=1: the same on the CPU,
