@@ -17,8 +17,9 @@ On the CPU it also times the demo's whole stage-2 step (``demo_step`` in the JSO
 weights and batch, in rounds of one process per way: ldm's step as ``make demo`` runs it (latents drawn from the
 precomputed VAE posterior, precomputed text states, channels-last input, the environment ``make demo`` exports),
 ldm's step as the demo ran it before (VAE encode and text encoder on every batch, NCHW, passive thread waiting,
-GEGLU chunking one projection's output), and diffusers' bare U-Net step in fp32 and bf16. Each ldm step is
-LatentDiffusion's own loss (min-SNR weighted), backward, clipping, fused AdamW and EMA.
+GEGLU chunking one projection's output, AveragedModel's EMA update walking both modules), and diffusers' bare
+U-Net step in fp32 and bf16. Each ldm step is LatentDiffusion's own loss (min-SNR weighted), backward,
+clipping, fused AdamW and EMA.
 
 Writes benchmarks/results/train_step.json (or --output). Target on a GPU: >= 40% MFU for SD 2.x base
 at 256 px in bf16, and faster than diffusers.
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.optim.swa_utils import AveragedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,6 +50,7 @@ from benchmarks.common import ROOT, machine_info, unet_pair  # noqa: E402
 from benchmarks.unet import synchronize  # noqa: E402
 from ldm.diffusion.objectives import q_sample  # noqa: E402
 from ldm.diffusion.schedules import NoiseSchedule  # noqa: E402
+from ldm.training.ema import EMAModel, ema_decay_at  # noqa: E402
 from ldm.training.throughput import measured_peak_tflops, unet_training_flops  # noqa: E402
 
 # Preset (configs/model/unet/NAME.yaml), latent side, context tokens, default batch per device type.
@@ -176,12 +179,17 @@ def demo_module(channels_last: bool) -> torch.nn.Module:
 
 class DemoStep:
     """One stage-2 step of the demo module: latents and context (from images and captions, or precomputed),
-    its weighted diffusion loss, backward, gradient-norm clipping at 1, its optimizer (fused AdamW), EMA."""
+    its weighted diffusion loss, backward, gradient-norm clipping at 1 over the optimizer's parameters (as
+    ``configure_gradient_clipping`` clips), its optimizer (fused AdamW), the EMA update (``ema_update``, by
+    default the module's own)."""
 
-    def __init__(self, module: torch.nn.Module, precomputed: bool) -> None:
+    def __init__(self, module: torch.nn.Module, precomputed: bool,
+                 ema_update: Callable[[torch.nn.Module], None] | None = None) -> None:
         self.module = module
         self.precomputed = precomputed
         self.optimizer = module.configure_optimizers()["optimizer"]
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ema_update = ema_update or module.ema_unet.update_parameters
 
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
         module = self.module
@@ -191,11 +199,22 @@ class DemoStep:
             latents, context = module.encode_images(batch["image"]), module.encode_captions(batch["caption"])
         loss = module.diffusion_loss(latents, context)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        module.ema_unet.update_parameters(module.unet)
+        self.ema_update(module.unet)
         return loss.detach()
+
+
+def averaged_model_update(ema: EMAModel) -> Callable[[torch.nn.Module], None]:
+    """The EMA update as it ran before this issue: ``AveragedModel.update_parameters`` with a foreach lerp,
+    which walks both modules' parameters and buffers on every update."""
+
+    def lerp(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay_at(int(num_averaged), ema.decay, ema.warmup_steps))
+
+    ema.multi_avg_fn = lerp
+    return lambda model: AveragedModel.update_parameters(ema, model)
 
 
 def make_demo_environment(makefile: Path = ROOT / "Makefile") -> dict[str, str]:
@@ -252,7 +271,7 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
     if arm == "ldm demo before":
         for geglu in [m for m in module.unet.modules() if isinstance(m, GEGLU)]:
             geglu.proj = CalledProjection(geglu.proj)
-        step = DemoStep(module, precomputed=False)
+        step = DemoStep(module, precomputed=False, ema_update=averaged_model_update(module.ema_unet))
         images = {"image": pixels, "caption": captions}
         return lambda generator: step(images, generator)
     bare = TrainStep(reference, False, torch.bfloat16 if arm == "diffusers bf16" else None, "cpu", False)
