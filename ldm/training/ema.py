@@ -60,7 +60,8 @@ class EMAModel(AveragedModel):
                 floating = averaged.is_floating_point()
                 (averaged_floating if floating else averaged_other).append(averaged)
                 (model_floating if floating else model_other).append(current)
-            self._pairs_for, self._pairs = weakref.ref(model), (averaged_floating, model_floating, averaged_other, model_other)
+            self._pairs_for = weakref.ref(model)
+            self._pairs = (averaged_floating, model_floating, averaged_other, model_other)
         return self._pairs
 
     @torch.no_grad()

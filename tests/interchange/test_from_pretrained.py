@@ -88,19 +88,23 @@ def test_a_released_sd_files_architecture_is_read_from_its_shapes(preset):
 
 
 def test_a_released_sd_file_without_ldm_metadata_loads(trained_run, tmp_path):
-    """A file as other tools write it (tensors only): the tiny model's head count and group norms, which shapes
-    do not tell, come from model_config; everything else from the shapes."""
+    """A file as other tools write it (tensors only): the tiny model's head count and group norms, and its text
+    tower's activation and padding token (a file in SD 1.x's text layout is read as SD 1.x's QuickGELU tower
+    padded with the end token), which shapes do not tell, come from model_config; everything else from the
+    shapes. The same architecture with the same weights then computes the same images."""
     pipeline = TextToImagePipeline.from_pretrained(trained_run)
     path = export_pipeline(pipeline, tmp_path / "with_metadata.safetensors", format="sd")
     bare = save_weights(read_state_dict(path), tmp_path / "bare.safetensors")
     config = pipeline.model_config
     overrides = {"unet": {key: config["unet"][key] for key in ("num_heads", "num_head_channels", "norm_num_groups")},
                  "vae": {"norm_num_groups": config["vae"]["norm_num_groups"], "resolution": 32},
-                 "text_encoder": {"text_cfg": config["text_encoder"]["text_cfg"]},
+                 "text_encoder": {key: config["text_encoder"][key]
+                                  for key in ("text_cfg", "quick_gelu", "pad_token_id")},
                  "noise_schedule": config["noise_schedule"]}
     loaded = TextToImagePipeline.from_pretrained(bare, model_config=overrides)
     loaded.latent_scale_factor = pipeline.latent_scale_factor  # a bare file does not record it (SD's 0.18215)
-    torch.testing.assert_close(loaded(PROMPTS, **SETTINGS), pipeline(PROMPTS, **SETTINGS), atol=1e-6, rtol=0)
+    assert loaded.model_config["text_encoder"] == config["text_encoder"]
+    torch.testing.assert_close(loaded(PROMPTS, **SETTINGS), pipeline(PROMPTS, **SETTINGS), atol=0, rtol=0)
 
 
 class NotTensors:
