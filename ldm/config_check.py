@@ -3,7 +3,7 @@
 Every node with a ``_target_`` is compared with the signature of the class or function it names:
 a key that is no argument, or a value whose type the annotation rules out, stops the run with one
 line naming the key, before any data is read or model built. A plain mapping given for an argument
-annotated with an options dataclass (``data.filters``, ``data.synthetic``, ``model.pretrained``) is
+annotated with an options dataclass (``data.filters``, ``data.synthetic``, ``model.mode.pretrained``) is
 checked against that dataclass's fields and built, so its range checks (``__post_init__``) run too.
 Library code turns such mappings into the dataclass with ``build_options``, the same check.
 """

@@ -1,4 +1,4 @@
-"""Text to image: text encoder -> guided sampler over the U-Net -> VAE decode.
+"""Text to image: conditioner -> guided sampler over the denoising network -> VAE decode.
 
 The one generation path of the project: sample logging during training, evaluation, notebooks,
 export and ``python -m ldm.tools.sample`` all call ``TextToImagePipeline``. ``from_pretrained``
@@ -9,35 +9,36 @@ training code (no Lightning, no Hydra).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample
-from ldm.models.conditioner import default_sizes, vector_width
+from ldm.models.conditioner import default_sizes
 
 
 class TextToImagePipeline:
-    """Generates images for prompts with classifier-free guidance.
+    """Generates images for prompts with classifier-free guidance, over any network family.
 
-    ``text_encoder(captions) -> (B, L, D)``; ``unet(x, t, context)``; ``vae.decode(z)``. An SDXL-class
-    ``text_encoder`` (``ldm.models.conditioner.TextConditioner`` with ``adm_dim`` > 0) also gives the
-    U-Net's vector y from its pooled embedding and the size fields: ``unet(x, t, context, y)``.
-    Latents are divided by ``latent_scale_factor`` before decoding, as they were multiplied by it
-    when the U-Net was trained. ``model_config``: the ``_target_`` configs of the components (``unet``,
-    ``vae``, ``text_encoder``, ``noise_schedule``), which export needs; ``ema_state``: an EMA U-Net kept
-    beside ``unet``'s raw weights (written into SD files as ``model_ema``).
+    The contracts (``ldm.conditioning``): ``text_encoder.condition(prompts, sizes) -> Conditioning`` (the
+    conditioner: one text tower, or SDXL's ``TextConditioner``, whose vector y also embeds the size fields);
+    ``network(x, t, cond) -> prediction``; ``vae.decode(z)``. Latents are divided by ``latent_scale_factor``
+    before decoding, as they were multiplied by it when the network was trained. ``model_config``: the
+    ``_target_`` configs of the components (``network``, ``vae``, ``text_encoder``, ``noise_schedule``), which
+    export needs; ``ema_state``: an EMA network kept beside ``network``'s raw weights (written into SD files as
+    ``model_ema``).
     """
 
     def __init__(
         self,
-        unet: nn.Module,
+        network: nn.Module,
         vae: nn.Module,
-        text_encoder: Callable[[Sequence[str]], Tensor],
+        text_encoder: nn.Module,
         alphas_cumprod: Tensor,
         latent_scale_factor: float,
         prediction_type: str = "epsilon",
@@ -47,7 +48,7 @@ class TextToImagePipeline:
         model_config: Mapping[str, Mapping[str, Any]] | None = None,
         ema_state: dict[str, Tensor] | None = None,
     ) -> None:
-        self.unet = unet
+        self.network = network
         self.vae = vae
         self.text_encoder = text_encoder
         self.alphas_cumprod = alphas_cumprod
@@ -71,7 +72,7 @@ class TextToImagePipeline:
 
         model = load_model(source, **load_options)
         return cls(
-            unet=model.unet.to(device), vae=model.vae.to(device), text_encoder=model.text_encoder.to(device),
+            network=model.network.to(device), vae=model.vae.to(device), text_encoder=model.text_encoder.to(device),
             alphas_cumprod=model.noise_schedule.alphas_cumprod, latent_scale_factor=model.latent_scale_factor,
             prediction_type=model.prediction_type, model_config=model.model_config, ema_state=model.ema_state,
             sampler_options=model.sampler_options,
@@ -84,16 +85,16 @@ class TextToImagePipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def size_multiple(self) -> int:
-        """What every image side must be a multiple of: the VAE's downsampling factor x the U-Net's."""
-        return self.vae_downsample_factor * int(getattr(self.unet, "downsample_factor", 1))
+        """What every image side must be a multiple of: the VAE's downsampling factor x the network's."""
+        return self.vae_downsample_factor * int(getattr(self.network, "downsample_factor", 1))
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError unless a height x width image can be generated: any aspect ratio, with each side a
-        positive multiple of ``size_multiple`` (so the latents go down and up the U-Net's levels whole)."""
+        positive multiple of ``size_multiple`` (so the latents go down and up the network's levels whole)."""
         multiple = self.size_multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             def nearest(side: int) -> int:
@@ -101,7 +102,7 @@ class TextToImagePipeline:
 
             raise ValueError(
                 f"height={height} and width={width} must be positive multiples of {multiple} (the VAE's factor "
-                f"{self.vae_downsample_factor} x the U-Net's {multiple // self.vae_downsample_factor}); "
+                f"{self.vae_downsample_factor} x the network's {multiple // self.vae_downsample_factor}); "
                 f"e.g. height={nearest(height)} width={nearest(width)}")
 
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> Tensor:
@@ -151,15 +152,11 @@ class TextToImagePipeline:
         batch_size = batch_size or len(prompts)
         sizes = {"height": height, "width": width, "original_size": original_size, "crop_coords": crop_coords,
                  "target_size": target_size}
-        uncond_context, uncond_vector = self.encode_prompts([negative_prompt], **sizes)  # the same for every batch
+        uncond = self.encode_prompts([negative_prompt], **sizes)  # the same for every batch
         images = []
         for start in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[start : start + batch_size]
-            context, vector = self.encode_prompts(batch_prompts, **sizes)
-            denoise = classifier_free_guidance(
-                self.unet, context, uncond_context, guidance_scale, guidance_rescale=guidance_rescale,
-                vector=vector, uncond_vector=uncond_vector,
-            )
+            cond = self.encode_prompts(prompts[start : start + batch_size], **sizes)
+            denoise = classifier_free_guidance(self.network, cond, uncond, guidance_scale, guidance_rescale)
             # Stochastic samplers draw their step noise from a generator tied to the batch's first seed.
             generator = torch.Generator(self.device).manual_seed(int(seeds[start]) + 1)
             latents = sample(
@@ -199,12 +196,8 @@ class TextToImagePipeline:
         return images
 
     def encode_prompts(self, prompts: Sequence[str], height: int, width: int, original_size: Sequence[int] | None = None,
-                       crop_coords: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None
-                       ) -> tuple[Tensor, Tensor | None]:
-        """(context (B, L, D), the U-Net's vector y (B, adm_dim) or None for a model without one) of prompts
-        generated at height x width with the given micro-conditioning (see ``__call__``)."""
-        if not vector_width(self.text_encoder):
-            return self.text_encoder(prompts), None
-        context, pooled = self.text_encoder.encode(prompts)
+                       crop_coords: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None) -> Conditioning:
+        """The Conditioning of prompts generated at height x width with the given micro-conditioning (see
+        ``__call__``; a conditioner without size conditions ignores them)."""
         sizes = default_sizes(height, width, len(prompts), original_size, crop_coords, target_size)
-        return context, self.text_encoder.vector(pooled, sizes)
+        return self.text_encoder.condition(list(prompts), sizes)

@@ -42,7 +42,7 @@ class EncodedSyntheticDataModule(LatentShardDataModule):
 
     The shards are cached in ``<synthetic.data_dir>/latents/<set>-<fingerprint>/``: the fingerprint covers the
     VAE's and text encoder's weights and the image shards, so another base model or set gets its own folder.
-    A run that trains the text tower (``model.lora.text_encoder``) cannot use stored text states and is refused.
+    A run that trains the text tower (``model.mode.text_encoder``) cannot use stored text states and is refused.
     """
 
     def __init__(self, **options: Any) -> None:
@@ -66,9 +66,9 @@ class EncodedSyntheticDataModule(LatentShardDataModule):
         if module is None:
             raise RuntimeError("EncodedSyntheticDataModule encodes its images with the model being trained: use it "
                                "through a Trainer")
-        lora = getattr(module, "lora", None)
+        lora = getattr(getattr(module, "mode", None), "lora", None)
         if lora is not None and lora.text_encoder:
-            raise ValueError("model.lora.text_encoder=true trains the text tower, so its states cannot be stored "
+            raise ValueError("model.mode.text_encoder=true trains the text tower, so its states cannot be stored "
                              "once: use data=synthetic (images, encoded at every step) with it")
         image_urls = [*self.train_urls, *(self.val_urls or [])]
         fingerprint = weights_fingerprint(module.vae, module.text_encoder, files=image_urls)

@@ -145,20 +145,3 @@ def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, sample_p
     if not sample_posterior:
         return latent_mean
     return latent_mean + latent_std * torch.randn_like(latent_mean)
-
-
-def precomputed_context(
-    text_states: torch.Tensor, captions: Sequence[str], encode_captions
-) -> torch.Tensor:
-    """Context (B, L, D) from precomputed text states; rows whose caption was dropped ("", for
-    classifier-free guidance) get the empty caption's states from ``encode_captions([""])``."""
-    dropped = [index for index, caption in enumerate(captions) if caption == ""]
-    if not dropped:
-        return text_states
-    empty = encode_captions([""]).to(text_states.dtype)
-    if empty.shape[1:] != text_states.shape[1:]:
-        raise ValueError(f"precomputed text states {tuple(text_states.shape[1:])} differ from the text encoder's "
-                         f"output {tuple(empty.shape[1:])}: precompute the latents with model.text_encoder's config")
-    context = text_states.clone()
-    context[dropped] = empty[0]
-    return context

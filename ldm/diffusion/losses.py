@@ -96,6 +96,9 @@ class LossOptions:
     ``huber_delta``); ``input_perturbation``: Ning et al.'s strength (0: off); ``debiased``: replace the
     objective's own weighting by debiased estimation; ``timestep_bias_range`` ([begin, end] quantiles) and
     ``timestep_bias_probability``: sample more of that part of the noise-level distribution.
+    ``offset_noise_strength``: offset noise (``objectives.offset_noise``; 0: plain Gaussian noise).
+    ``prior_loss_weight``: DreamBooth's weight of the class images' loss, for batches that mark them (``is_prior``,
+    from ``ldm.data.dreambooth.DreamBoothDataModule``; ``prior_preservation.py``).
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class LossOptions:
         debiased: bool = False,
         timestep_bias_range: tuple[float, float] | None = None,
         timestep_bias_probability: float = 0.0,
+        offset_noise_strength: float = 0.0,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"model.loss.loss_type={loss_type!r}; choose one of {LOSS_TYPES}")
@@ -129,6 +134,11 @@ class LossOptions:
         self.debiased = bool(debiased)
         self.timestep_bias_range = timestep_bias_range
         self.timestep_bias_probability = float(timestep_bias_probability)
+        for name, value in (("offset_noise_strength", offset_noise_strength), ("prior_loss_weight", prior_loss_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"model.loss.{name}={value!r} must be a finite number >= 0")
+        self.offset_noise_strength = float(offset_noise_strength)
+        self.prior_loss_weight = float(prior_loss_weight)
 
     def __repr__(self) -> str:
         return f"LossOptions({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

@@ -1,6 +1,6 @@
 """What a training step computes for each objective: noise levels, the network's input and timestep, the
 regression target and the per-sample weight. Built by Hydra as ``model.objective`` (flow matching, EDM);
-discrete diffusion (epsilon / v / x0 on a NoiseSchedule) is built from ``model.prediction_type``.
+discrete diffusion (epsilon / v / x0 on a NoiseSchedule) is the default ``model/objective=discrete``.
 
 Every objective exposes, per sample, the SNR of its noise level, a noise fraction in [0, 1] and the
 factor by which its target's squared error exceeds the x0 error (``x0_error_scale``), so that the loss
@@ -31,6 +31,7 @@ from ldm.diffusion.flow_matching import (
     shift_timesteps,
 )
 from ldm.diffusion.objectives import (
+    LOSS_WEIGHTINGS,
     check_prediction_type,
     loss_weights,
     q_sample,
@@ -64,6 +65,11 @@ class DiscreteDiffusion:
 
     def __init__(self, prediction_type: str = "epsilon", loss_weighting: str = "uniform", snr_gamma: float = 5.0):
         check_prediction_type(prediction_type)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"model.objective.loss_weighting={loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+        if isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float)) or not snr_gamma > 0 \
+                or snr_gamma == float("inf"):
+            raise ValueError(f"model.objective.snr_gamma={snr_gamma!r} must be a finite number > 0 (5 in Hang et al.)")
         self.prediction_type = prediction_type
         self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
@@ -225,25 +231,12 @@ class EDM:
 Objective = DiscreteDiffusion | FlowMatching | EDM
 
 
-def check_objective_configuration(objective: Objective, zero_terminal_snr: bool, prediction_type: str,
-                                  loss_weighting: str) -> None:
-    """Refuse, at start-up and naming the key, settings that belong to another objective."""
-    if objective.family == "discrete":
-        return
-    if zero_terminal_snr:
+def check_objective_configuration(objective: Objective, zero_terminal_snr: bool) -> None:
+    """Refuse, at start-up and naming the key, a noise-schedule setting that belongs to another objective."""
+    if objective.family != "discrete" and zero_terminal_snr:
         raise ValueError(
             f"model.noise_schedule.zero_terminal_snr=true is a discrete-diffusion setting; model.objective "
             f"({objective.prediction_type}) has its own noise levels: set zero_terminal_snr=false"
-        )
-    if prediction_type != "epsilon":
-        raise ValueError(
-            f"model.prediction_type={prediction_type} applies to discrete diffusion; model.objective "
-            f"({objective.prediction_type}) fixes what the network predicts: leave prediction_type=epsilon"
-        )
-    if loss_weighting != "uniform":
-        raise ValueError(
-            f"model.loss_weighting={loss_weighting} applies to discrete diffusion; model.objective "
-            f"({objective.prediction_type}) weights its own loss (or set model.loss.debiased=true)"
         )
 
 

@@ -29,19 +29,19 @@ def unet_config(args: Mapping[str, Any], sample_size: int, addition_time_embed_d
     ``addition_time_embed_dim`` wide (the conditioner's ``size_embedding_dim``, SDXL 256).
     """
     if args["context_dim"] is None:
-        raise ValueError("model.unet.context_dim=None: diffusers' UNet2DConditionModel needs cross-attention")
+        raise ValueError("model.network.context_dim=None: diffusers' UNet2DConditionModel needs cross-attention")
     mult, channels = list(args["channel_mult"]), int(args["model_channels"])
     depth = args["transformer_depth"]
     depth = int(depth) if isinstance(depth, int) else [int(value) for value in depth]
     last_depth = depth if isinstance(depth, int) else depth[-1]
     middle_depth = args.get("transformer_depth_middle")
     if middle_depth is not None and int(middle_depth) != last_depth:
-        raise ValueError(f"model.unet.transformer_depth_middle={middle_depth}: diffusers' U-Net gives the middle block "
+        raise ValueError(f"model.network.transformer_depth_middle={middle_depth}: diffusers' U-Net gives the middle block "
                          f"the last level's depth ({last_depth}); export needs them equal")
     addition: dict[str, Any] = {}
     if args.get("adm_in_channels") is not None:
         if addition_time_embed_dim is None:
-            raise ValueError("model.unet.adm_in_channels is set but the text encoder has no size embeddings: "
+            raise ValueError("model.network.adm_in_channels is set but the text encoder has no size embeddings: "
                              "diffusers' text_time embedding needs a conditioner with micro-conditioning")
         addition = {"addition_embed_type": "text_time", "addition_time_embed_dim": int(addition_time_embed_dim),
                     "projection_class_embeddings_input_dim": int(args["adm_in_channels"])}

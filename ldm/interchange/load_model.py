@@ -3,8 +3,9 @@
 ``load_model(source)`` reads a diffusers folder, an original SD single file (ldm's own export, whose
 metadata carries the model config, or a released file, whose config is read from its shapes) or an
 ldm training checkpoint (``ldm_model_config`` plus weights; frozen weights it left out are found again
-through the records it keeps of them) and returns the U-Net, VAE, text encoder, noise schedule,
-prediction type and latent scale factor. Neither Lightning nor Hydra is imported.
+through the records it keeps of them) and returns the denoising network, VAE, text encoder (conditioner),
+noise schedule, prediction type and latent scale factor. Neither Lightning nor Hydra is imported. A training
+checkpoint builds whatever network family its config names; SD files and diffusers folders hold U-Nets.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ldm.checkpoints import check_state_dict, read_metadata, read_state_dict, read_torch_file
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.interchange.build import build, full_config
+from ldm.interchange.checkpoint_versions import upgrade_checkpoint, upgrade_model_config
 from ldm.interchange.diffusers_configs import (
     noise_schedule_config,
     objective_of_scheduler,
@@ -41,7 +43,7 @@ from ldm.interchange.original_configs import (
 from ldm.interchange.original_file import HF_TEXT_PREFIX, split_original_file
 from ldm.interchange.pretrained import load_text_tower, read_pretrained
 
-COMPONENTS = ("unet", "vae", "text_encoder", "noise_schedule")
+COMPONENTS = ("network", "vae", "text_encoder", "noise_schedule")
 SD_LATENT_SCALE_FACTOR = 0.18215
 SDXL_LATENT_SCALE_FACTOR = 0.13025  # generative-models' sd_xl_base.yaml scale_factor
 SD_NOISE_SCHEDULE = {"_target_": "ldm.diffusion.schedules.NoiseSchedule", "schedule": "scaled_linear",
@@ -53,10 +55,10 @@ DEFAULT_OPTIONS = {"vae_weights": "--vae-weights", "pretrained": "--pretrained"}
 @dataclass
 class LoadedModel:
     """What a text-to-image model consists of. ``model_config``: the ``_target_`` config of each component
-    with every argument spelled out (what an exporter writes); ``ema_state``: the EMA U-Net's weights when
-    the source has them and ``unet`` holds the raw ones (an SD export keeps both)."""
+    with every argument spelled out (what an exporter writes); ``ema_state``: the EMA network's weights when
+    the source has them and ``network`` holds the raw ones (an SD export keeps both)."""
 
-    unet: nn.Module
+    network: nn.Module
     vae: nn.Module
     text_encoder: nn.Module
     noise_schedule: NoiseSchedule
@@ -101,7 +103,7 @@ def load_model(
 ) -> LoadedModel:
     """Build the model ``source`` holds; see the module docstring for the forms.
 
-    ``use_ema``: None takes the EMA U-Net where the source has one apart from its main U-Net (else the main
+    ``use_ema``: None takes the EMA network where the source has one apart from its main network (else the main
     one, which in an exported model is the EMA already); True requires it; False takes the raw weights.
 
     ``vae_weights`` / ``pretrained``: the frozen files a training checkpoint left out, when they are not
@@ -127,10 +129,10 @@ def load_model(
         if hasattr(model.text_encoder, "text_encoders"):
             raise ValueError(f"lora={lora}: LoRA files of SDXL-class models (several text towers) are not supported; "
                              f"{source} is one")
-        adapters = read_lora_file(lora, LoraNames(model.unet, model.text_encoder))
-        merge_lora({"unet": model.unet, "text_encoder": model.text_encoder.tower}, adapters, scale=lora_scale)
+        adapters = read_lora_file(lora, LoraNames(model.network, model.text_encoder))
+        merge_lora({"unet": model.network, "text_encoder": model.text_encoder.tower}, adapters, scale=lora_scale)
         model.source = f"{model.source} + LoRA {lora}"
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in (model.network, model.vae, model.text_encoder):
         module.eval().requires_grad_(False)
     return model
 
@@ -157,11 +159,11 @@ def _pad_token_id(tokenizer: Path) -> int:
 
 
 def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
-    """A diffusers folder holds one U-Net, used whatever ``use_ema`` says."""
+    """A diffusers folder holds one U-Net (the network), used whatever ``use_ema`` says."""
     read_json = lambda name: json.loads((path / name).read_text())  # noqa: E731
     scheduler = read_json("scheduler/scheduler_config.json")
     configs = {
-        "unet": unet_model_config(read_json("unet/config.json")),
+        "network": unet_model_config(read_json("unet/config.json")),
         "vae": vae_model_config(read_json("vae/config.json")),
         "text_encoder": text_encoder_model_config(read_json("text_encoder/config.json"), _pad_token_id(path / "tokenizer")),
         "noise_schedule": noise_schedule_config(scheduler),
@@ -175,7 +177,7 @@ def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
             zero_empty_prompt=read_json("model_index.json").get("force_zeros_for_empty_prompt", True))
     parts = read_diffusers_folder(path)
     built = _build_all(configs)
-    _load(built["unet"], parts["unet"], f"{path}/unet")
+    _load(built["network"], parts["unet"], f"{path}/unet")
     _load(built["vae"], parts["vae"], f"{path}/vae")
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path}/text_encoder")
     prediction_type, sampler_options = objective_of_scheduler(scheduler)
@@ -187,7 +189,7 @@ def _from_diffusers_folder(path: Path, use_ema: bool | None) -> LoadedModel:
 
 def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str, Mapping[str, Any]]) -> LoadedModel:
     metadata = read_metadata(path)
-    recorded = json.loads(metadata["ldm_model_config"]) if "ldm_model_config" in metadata else None
+    recorded = upgrade_model_config(json.loads(metadata["ldm_model_config"])) if "ldm_model_config" in metadata else None
     state = read_state_dict(path)
     parts = split_original_file(state, use_ema=bool(use_ema))
     if use_ema is None and "ema_unet" in parts:
@@ -203,16 +205,17 @@ def _from_original_file(path: Path, use_ema: bool | None, overrides: Mapping[str
             text_config = sdxl_conditioner_config_from_weights(parts["text_encoder"], unet_config["adm_in_channels"] or 0)
         else:
             text_config = text_encoder_config_from_weights(parts["text_encoder"], sd1_layout)
-        configs = {"unet": unet_config, "vae": vae_config_from_weights(parts["vae"]), "text_encoder": text_config,
+        configs = {"network": unet_config, "vae": vae_config_from_weights(parts["vae"]), "text_encoder": text_config,
                    "noise_schedule": SD_NOISE_SCHEDULE}
     configs = {name: {**configs[name], **overrides.get(name, {})} for name in COMPONENTS}
     built = _build_all(configs)
-    _load(built["unet"], parts["unet"], f"{path} (unet)")
+    _load(built["network"], parts["unet"], f"{path} (unet)")
     _load(built["vae"], parts["vae"], f"{path} (vae)")
     load_text_tower(built["text_encoder"], parts["text_encoder"], source=f"{path} (text encoder)")
     default_scale = SDXL_LATENT_SCALE_FACTOR if isinstance(parts["text_encoder"], list) else SD_LATENT_SCALE_FACTOR
     scale = float(metadata.get("latent_scale_factor", default_scale))
-    prediction_type = metadata.get("prediction_type", recorded.get("prediction_type", "epsilon") if recorded else "epsilon")
+    recorded_objective = (recorded or {}).get("objective") or {}
+    prediction_type = metadata.get("prediction_type", recorded_objective.get("prediction_type", "epsilon"))
     ema_state = parts.get("ema_unet") if use_ema is False else None
     sampler_options = json.loads(metadata["ldm_sampler_options"]) if "ldm_sampler_options" in metadata else {}
     return LoadedModel(**built, prediction_type=prediction_type, latent_scale_factor=scale,
@@ -243,11 +246,12 @@ def frozen_file_records(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, An
 
 def checkpoint_adapters(checkpoint: Mapping[str, Any], names: LoraNames, use_ema: bool, source: str
                         ) -> dict[str, LoraWeights]:
-    """The adapters of a LoRA run's checkpoint (peft's keys; the U-Net's from its EMA copy with ``use_ema``)."""
+    """The adapters of a LoRA run's checkpoint (peft's keys; the network's from its EMA copy with ``use_ema``)."""
     if "ldm_lora" not in checkpoint:
-        raise ValueError(f"{source} is not a LoRA run's checkpoint (no model.lora): it holds no adapters")
+        raise ValueError(f"{source} is not a LoRA run's checkpoint (no model/mode=lora): it holds no adapters")
+    checkpoint = upgrade_checkpoint(dict(checkpoint))
     alpha = float(checkpoint["ldm_lora"]["alpha"])
-    unet_prefix = "ema_unet.module." if use_ema else "unet."
+    unet_prefix = "ema_network.module." if use_ema else "network."
     renamed: dict[str, Tensor] = {}
     for key, value in checkpoint["state_dict"].items():
         if ".lora_" not in key:
@@ -262,29 +266,29 @@ def checkpoint_adapters(checkpoint: Mapping[str, Any], names: LoraNames, use_ema
 
 
 def _merge_run_adapters(built: Mapping[str, Any], checkpoint: Mapping[str, Any], use_ema: bool, source: str) -> None:
-    """Merge a LoRA run's adapters into the base U-Net and text tower."""
-    adapters = checkpoint_adapters(checkpoint, LoraNames(built["unet"], built["text_encoder"]), use_ema, source)
-    merge_lora({"unet": built["unet"], "text_encoder": built["text_encoder"].tower}, adapters)
+    """Merge a LoRA run's adapters into the base network and text tower."""
+    adapters = checkpoint_adapters(checkpoint, LoraNames(built["network"], built["text_encoder"]), use_ema, source)
+    merge_lora({"unet": built["network"], "text_encoder": built["text_encoder"].tower}, adapters)
 
 
 def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[str, Any], search_dirs: list,
                               options: Mapping[str, str]) -> LoadedModel:
-    checkpoint = read_torch_file(path)
+    checkpoint = upgrade_checkpoint(read_torch_file(path))
     config = checkpoint["ldm_model_config"]
     state = checkpoint["state_dict"]
     built = _build_all(config)
     lora_state = {key: value for key, value in state.items() if ".lora_" in key}
     state = {plain_key(key): value for key, value in state.items() if ".lora_" not in key}
-    ema = _under(state, "ema_unet.module.")
-    has_ema = bool(ema) or any(key.startswith("ema_unet.module.") for key in lora_state)
+    ema = _under(state, "ema_network.module.")
+    has_ema = bool(ema) or any(key.startswith("ema_network.module.") for key in lora_state)
     if use_ema is None:
         use_ema = has_ema
     if use_ema and not has_ema:
         raise ValueError(f"{path} has no EMA weights (model.ema_decay was null); load it with use_ema off "
                          "(--no-ema, use_ema=false)")
     records = frozen_file_records(checkpoint)
-    if "ldm_lora" not in checkpoint:  # a LoRA run's U-Net is the pretrained file's, below
-        _load(built["unet"], ema if use_ema else _under(state, "unet."), f"{path} (unet)")
+    if "ldm_lora" not in checkpoint:  # a LoRA run's network is the pretrained file's, below
+        _load(built["network"], ema if use_ema else _under(state, "network."), f"{path} (network)")
     for name, value in given.items():
         if value is not None and name not in records:
             raise ValueError(f"{options[name]}={value}: {path} holds its own {name.split('_')[0]} weights, "
@@ -296,7 +300,7 @@ def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[s
         released = read_pretrained(files["pretrained"], use_ema=bool(records["pretrained"].get("use_ema", False)))
         vae_state = vae_state or released["vae"]
         if "ldm_lora" in checkpoint:
-            _load(built["unet"], released["unet"], f"{files['pretrained']} (unet)")
+            _load(built["network"], released["unet"], f"{files['pretrained']} (unet)")
         if not text_state and records["pretrained"].get("text_encoder", True):
             load_text_tower(built["text_encoder"], released["text_encoder"], source=str(files["pretrained"]))
     if "vae_weights" in files:
@@ -308,11 +312,8 @@ def _from_training_checkpoint(path: Path, use_ema: bool | None, given: Mapping[s
     if "ldm_lora" in checkpoint:
         _merge_run_adapters(built, checkpoint, use_ema, str(path))
         ema_state = None
-    # A flow-matching or EDM run records its objective (model.objective); it decides the prediction type.
-    objective = build(config["objective"]) if config.get("objective") else None
-    return LoadedModel(**built, prediction_type=objective.prediction_type if objective else
-                       config.get("prediction_type", "epsilon"),
+    objective = build(config["objective"])  # it decides the prediction type and the sampler's settings
+    return LoadedModel(**built, prediction_type=objective.prediction_type,
                        latent_scale_factor=float(state["latent_scale_factor"]),
                        model_config={name: full_config(config[name]) for name in COMPONENTS},
-                       source=str(path), ema_state=ema_state,
-                       sampler_options=objective.sampler_options() if objective else {})
+                       source=str(path), ema_state=ema_state, sampler_options=objective.sampler_options())

@@ -79,7 +79,7 @@ def load_pretrained(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | N
     if text_encoder is not None:
         if "text_encoder" not in parts:
             raise CheckpointMismatchError(
-                f"{path} holds no text encoder weights; set model.pretrained.text_encoder=false and give the text "
+                f"{path} holds no text encoder weights; set model.mode.pretrained.text_encoder=false and give the text "
                 "encoder its own weights (model.text_encoder.pretrained: a hub tag or a local file)")
         load_text_tower(text_encoder, parts["text_encoder"], source=f"{path} (text encoder)")
     return {"latent_scale_factor": parts.get("latent_scale_factor")}
@@ -87,7 +87,7 @@ def load_pretrained(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | N
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """Released weights to start from (``model.pretrained``): ``path`` an original SD
+    """Released weights to start from (``model.mode.pretrained``): ``path`` an original SD
     ``.ckpt``/``.safetensors`` or a diffusers folder; ``use_ema`` takes a single file's EMA U-Net;
     ``text_encoder`` loads its text tower too (else the text encoder keeps its own weights)."""
 
@@ -97,5 +97,5 @@ class PretrainedWeights:
 
     def __post_init__(self) -> None:
         if not str(self.path).strip():
-            raise ValueError("model.pretrained.path is empty: give an original SD .ckpt/.safetensors file or a "
+            raise ValueError("model.mode.pretrained.path is empty: give an original SD .ckpt/.safetensors file or a "
                              "diffusers folder")

@@ -1,4 +1,12 @@
-"""SDXL-style conditioning: several frozen text towers and the size micro-conditioning vector.
+"""Conditioners: captions and a batch -> the ``Conditioning`` a network takes, over frozen text towers.
+
+The contract: ``conditioner.condition(captions, batch, train) -> Conditioning``. ``batch`` may carry
+precomputed text states (``text_states`` (B, L, D), ``text_pooled`` (B, P): ``data=latents``), used instead of
+running the towers; a caption dropped for guidance ("") gets the empty caption's states. A single tower
+(``ldm.models.text_encoders.FrozenOpenCLIPTextEncoder``) gives the tokens alone; ``TextConditioner`` below is
+SDXL's conditioner.
+
+SDXL-style conditioning: several frozen text towers and the size micro-conditioning vector.
 
 ``TextConditioner`` runs a list of frozen text encoders on the same captions, concatenates their
 per-token states on the channel axis (SDXL: CLIP ViT-L/14 768 + OpenCLIP ViT-bigG/14 1280 = 2048) and
@@ -9,11 +17,13 @@ each, 256 wide: 1280 + 6 x 256 = 2816).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ldm.conditioning import Conditioning
 from ldm.models.unet import timestep_embedding
 
 SIZE_CONDITIONS = ("original_size", "crop_coords", "target_size")
@@ -51,6 +61,8 @@ class TextConditioner(nn.Module):
     ``zero_empty_prompt``: an empty caption gets zero states and a zero pooled embedding, as SDXL drops
     captions in training and as diffusers' SDXL pipeline encodes no negative prompt
     (``force_zeros_for_empty_prompt``); else it is encoded like any caption.
+    ``size_condition_dropout`` maps a size condition to the probability that a training sample has its
+    embedding zeroed (guidance dropout, like captions), e.g. ``{crop_coords: 0.1}``.
     """
 
     def __init__(
@@ -60,6 +72,7 @@ class TextConditioner(nn.Module):
         size_conditions: Sequence[str] = SIZE_CONDITIONS,
         size_embedding_dim: int = 256,
         zero_empty_prompt: bool = True,
+        size_condition_dropout: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if not text_encoders:
@@ -93,6 +106,7 @@ class TextConditioner(nn.Module):
         self.size_embedding_dim = int(size_embedding_dim)
         self.adm_dim = self.pooled_dim + 2 * len(self.size_conditions) * self.size_embedding_dim
         self.zero_empty_prompt = zero_empty_prompt
+        self.size_condition_dropout = check_size_condition_dropout(size_condition_dropout, self.size_conditions)
         self.eval()
         self.requires_grad_(False)
 
@@ -127,6 +141,32 @@ class TextConditioner(nn.Module):
         """Captions -> context (B, L, output_dim)."""
         return self.encode(captions)[0]
 
+    def condition(self, captions: Sequence[str], batch: Mapping[str, Any], train: bool = False) -> Conditioning:
+        """Captions and a batch (its size fields, each (B, 2), and optionally precomputed ``text_states`` and
+        ``text_pooled``) -> Conditioning(tokens (B, L, output_dim), vector y (B, adm_dim)). With ``train``, each
+        size condition is dropped with its ``size_condition_dropout`` probability."""
+        missing = [name for name in self.size_conditions if name not in batch]
+        if missing:
+            raise KeyError(f"model.text_encoder.size_conditions={list(self.size_conditions)} but the batches "
+                           f"lack {missing}: micro-conditioning needs bucketed data (data.buckets) whose batches "
+                           f"carry them, or size_conditions=[]")
+        if "text_states" in batch:
+            context = with_empty_captions(batch["text_states"], captions, self)
+            pooled = None
+            if self.pooled_dim:
+                if "text_pooled" not in batch:
+                    raise KeyError("the precomputed latents have text states but no pooled embedding (text_pooled): "
+                                   "precompute them again with this model.text_encoder")
+                pooled = with_empty_captions(batch["text_pooled"], captions, lambda empty: self.encode(empty)[1])
+        else:
+            context, pooled = self.encode(captions)
+        keep = None
+        if train and self.size_condition_dropout:
+            size = context.shape[0]
+            keep = {name: torch.rand(size, device=context.device) >= self.size_condition_dropout.get(name, 0.0)
+                    for name in self.size_conditions}
+        return Conditioning(context, vector=self.vector(pooled, batch, keep))
+
     def vector(self, pooled: Tensor | None, sizes: Mapping[str, Tensor], keep: Mapping[str, Tensor] | None = None
                ) -> Tensor:
         """The U-Net's y (B, adm_dim) from the pooled embedding (B, pooled_dim) and the batch's size fields
@@ -139,6 +179,36 @@ class TextConditioner(nn.Module):
         values = [torch.as_tensor(sizes[name]).reshape(-1, 2).to(device) for name in self.size_conditions]
         masks = None if keep is None else [keep[name].to(device) for name in self.size_conditions]
         return micro_conditioning_vector(pooled if self.pooled_dim else None, values, self.size_embedding_dim, masks)
+
+
+def with_empty_captions(states: Tensor, captions: Sequence[str], encode: Callable[[list[str]], Tensor]) -> Tensor:
+    """Precomputed per-caption states (B, ...) with the rows whose caption was dropped ("", for classifier-free
+    guidance) replaced by the empty caption's, ``encode([""])`` (1, ...)."""
+    dropped = [index for index, caption in enumerate(captions) if caption == ""]
+    if not dropped:
+        return states
+    empty = encode([""]).to(states.dtype)
+    if empty.shape[1:] != states.shape[1:]:
+        raise ValueError(f"precomputed text states {tuple(states.shape[1:])} differ from the text encoder's "
+                         f"output {tuple(empty.shape[1:])}: precompute the latents with model.text_encoder's config")
+    replaced = states.clone()
+    replaced[dropped] = empty[0]
+    return replaced
+
+
+def check_size_condition_dropout(dropout: Mapping[str, float] | None, conditions: Sequence[str]) -> dict[str, float]:
+    """``model.text_encoder.size_condition_dropout`` as a dict, each probability in [0, 1] and each name one of
+    the embedded ``conditions``."""
+    if not dropout:
+        return {}
+    for name, probability in dropout.items():
+        if name not in conditions:
+            raise ValueError(f"model.text_encoder.size_condition_dropout.{name}: the text encoder embeds no such "
+                             f"size condition (model.text_encoder.size_conditions={list(conditions)})")
+        if not (isinstance(probability, (int, float)) and 0.0 <= probability <= 1.0):
+            raise ValueError(f"model.text_encoder.size_condition_dropout.{name}={probability!r} must be a "
+                             f"probability in [0, 1]")
+    return {name: float(probability) for name, probability in dropout.items()}
 
 
 def vector_width(text_encoder: nn.Module) -> int:

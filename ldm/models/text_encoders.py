@@ -1,13 +1,16 @@
-"""Frozen OpenCLIP text towers that turn captions into per-token context for the U-Net."""
+"""Frozen OpenCLIP text towers that turn captions into per-token context for the denoising network."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import open_clip
 import torch
 from torch import Tensor, nn
+
+from ldm.conditioning import Conditioning
+from ldm.models.conditioner import with_empty_captions
 
 LAYERS = ("last", "penultimate")
 
@@ -102,6 +105,14 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         device = self.tower.token_embedding.weight.device
         tokens = self.tokenize(captions).to(device)
         return self.encode_tokens(tokens)
+
+    def condition(self, captions: Sequence[str], batch: Mapping[str, Any] | None = None,
+                  train: bool = False) -> Conditioning:
+        """The conditioner contract (``ldm.models.conditioner``): Conditioning(tokens (B, context_length,
+        output_dim)), from the batch's precomputed ``text_states`` when it has them, else from the tower."""
+        if batch is not None and "text_states" in batch:
+            return Conditioning(with_empty_captions(batch["text_states"], captions, self))
+        return Conditioning(self(list(captions)))
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> tuple[Tensor, Tensor | None]:

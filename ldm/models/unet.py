@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.conditioning import Conditioning
 from ldm.models.attention import SpatialTransformer
 from ldm.models.layers import Upsample, group_norm
 
@@ -234,10 +235,17 @@ class UNetModel(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Conditioning | Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
         """x (B, in_channels, H, W), timesteps (B,) int or float, context (B, L, context_dim), y (B,
         adm_in_channels) when the U-Net has ``adm_in_channels`` -> (B, out_channels, H, W). H and W must be
-        divisible by ``downsample_factor``; a single timestep (0-dim or (1,)) is used for the whole batch."""
+        divisible by ``downsample_factor``; a single timestep (0-dim or (1,)) is used for the whole batch.
+
+        The network contract's ``Conditioning`` gives both: its ``tokens`` are the context and its ``vector`` is y
+        (SD's U-Nets attend to every token, so a token mask is not used). SD's own call (context and y as
+        tensors) works too, as SD's U-Net is called."""
+        if isinstance(context, Conditioning):
+            context, y = context.tokens, context.vector
         self._check_inputs(x, context, y)
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))

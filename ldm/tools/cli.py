@@ -29,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the VAE weights file a checkpoint was trained with, when it is no longer where the "
                              "checkpoint recorded it (also searched for under LDM_ROOT and beside the checkpoint)")
     parser.add_argument("--pretrained", default=None,
-                        help="likewise for the released model a fine-tune started from (model.pretrained.path)")
+                        help="likewise for the released model a fine-tune started from (model.mode.pretrained.path)")
     parser.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "sample"),
                         help="for a released SD file that does not record it (SD 2.x 768 px: v_prediction)")
     parser.add_argument("--lora", default=None,

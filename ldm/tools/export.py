@@ -38,6 +38,7 @@ from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 
 FORMATS = ("diffusers", "sd")
 LORA_FORMAT = "lora"
+UNET_TARGET = "ldm.models.unet.UNetModel"
 
 
 def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str = "diffusers") -> Path:
@@ -45,13 +46,17 @@ def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str 
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; choose one of {FORMATS}")
     config = pipeline.model_config
-    if not all(name in config for name in ("unet", "vae", "noise_schedule")):
+    if not all(name in config for name in ("network", "vae", "noise_schedule")):
         raise ValueError("the pipeline has no model_config: build it with TextToImagePipeline.from_pretrained")
-    unet_state, vae_state = pipeline.unet.state_dict(), pipeline.vae.state_dict()
+    if config["network"].get("_target_") != UNET_TARGET:
+        raise ValueError(f"the network is a {config['network'].get('_target_')}: diffusers folders and SD files hold "
+                         f"U-Nets ({UNET_TARGET}); this family has no mapping to them, so load its training "
+                         f"checkpoint with from_pretrained instead")
+    unet_state, vae_state = pipeline.network.state_dict(), pipeline.vae.state_dict()
     text_encoder = pipeline.text_encoder
     if format == "diffusers":
         return write_diffusers_folder(
-            out, unet_state, constructor_arguments(config["unet"]), vae_state, constructor_arguments(config["vae"]),
+            out, unet_state, constructor_arguments(config["network"]), vae_state, constructor_arguments(config["vae"]),
             text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor,
             pipeline.sampler_options)
     if isinstance(text_encoder, TextConditioner):  # SDXL's conditioner.embedders.{0,1}
@@ -70,8 +75,8 @@ def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str 
 
 
 def export_module(module: Any, out: str | Path, format: str = "diffusers", use_ema: bool = True) -> Path:
-    """Export a training module (anything with ``pipeline(use_ema)`` and ``ema_unet``) as ``export_pipeline``."""
-    if use_ema and getattr(module, "ema_unet", None) is None:
+    """Export a training module (anything with ``pipeline(use_ema)`` and ``ema_network``) as ``export_pipeline``."""
+    if use_ema and getattr(module, "ema_network", None) is None:
         raise ValueError("use_ema=true but the run has no EMA weights (model.ema_decay=null); export the raw weights")
     return export_pipeline(module.pipeline(use_ema=use_ema), out, format=format)
 
@@ -100,7 +105,7 @@ def export_lora(args: argparse.Namespace) -> Path:
     """``--format lora``: the adapters of ``--lora`` or of a LoRA run's checkpoint, in ``--lora-layout``."""
     model = load_model(args.model, use_ema=False if args.no_ema else None, vae_weights=args.vae_weights,
                        pretrained=args.pretrained)
-    names = LoraNames(model.unet, model.text_encoder)
+    names = LoraNames(model.network, model.text_encoder)
     if args.lora is not None:
         adapters = read_lora_file(args.lora, names)
     else:

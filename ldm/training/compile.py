@@ -8,7 +8,7 @@ import lightning as L
 
 
 class CompileUNet(L.Callback):
-    """Compiles ``pl_module.unet`` in place (``nn.Module.compile``) when training starts.
+    """Compiles ``pl_module.network`` in place (``nn.Module.compile``) when training starts.
 
     In place, so parameter names and checkpoints are unchanged (no ``_orig_mod.`` prefix), and after
     the strategy has wrapped the model (DDP, FSDP units), as torch recommends. ``enabled=False``
@@ -23,7 +23,7 @@ class CompileUNet(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        unet = getattr(pl_module, "unet", None)
-        if unet is None:
-            raise ValueError(f"callbacks.compile_unet.enabled=true but {type(pl_module).__name__} has no .unet")
-        unet.compile(**self.options)
+        network = getattr(pl_module, "network", None)
+        if network is None:
+            raise ValueError(f"callbacks.compile_unet.enabled=true but {type(pl_module).__name__} has no .network")
+        network.compile(**self.options)

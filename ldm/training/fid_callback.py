@@ -59,7 +59,7 @@ class FIDCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse at start-up a sampler that does not fit the model's objective (None: the objective's default)."""
         if self.sampler is not None:
-            check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.fid.sampler")
+            check_sampler(self.sampler, pl_module.objective.prediction_type, key="callbacks.fid.sampler")
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule

@@ -92,7 +92,7 @@ def whole_pipeline(wrapped: nn.Module, module: Any, use_ema: bool = True, rank0_
     wanted = rank == 0 or not rank0_only
     if not isinstance(wrapped, FullyShardedDataParallel):
         return module.pipeline(use_ema=use_ema) if wanted else None
-    if module.lora or module.model_config is None:
+    if module.mode.lora or module.model_config is None:
         raise ValueError("sampling or exporting under trainer=fsdp needs a full (not LoRA) U-Net built from configs "
                          "(train.py does this); use trainer=ddp for LoRA runs")
     config = FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only)
@@ -100,7 +100,7 @@ def whole_pipeline(wrapped: nn.Module, module: Any, use_ema: bool = True, rank0_
         state = wrapped.state_dict()
     if not wanted:
         return None
-    prefix = "ema_unet.module." if (use_ema and module.ema_unet is not None) else "unet."
-    unet = build(module.model_config["unet"])
-    unet.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
-    return module.pipeline(use_ema=use_ema, unet=unet.to(module.device).eval())
+    prefix = "ema_network.module." if (use_ema and module.ema_network is not None) else "network."
+    network = build(module.model_config["network"])
+    network.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+    return module.pipeline(use_ema=use_ema, network=network.to(module.device).eval())

@@ -1,4 +1,4 @@
-"""LoRA adapters on the U-Net (and optionally the text tower) through peft: ``model.lora``.
+"""LoRA adapters on the U-Net (and optionally the text tower) through peft: ``model/mode=lora``.
 
 peft wraps each targeted layer; the wrapped layer keeps its frozen weight as ``base_layer`` and gains
 ``lora_A`` (down) and ``lora_B`` (up). Only those adapter matrices train, and only they enter the
@@ -37,7 +37,7 @@ class LoraError(ValueError):
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """``model.lora``: adapters of ``rank`` with ``alpha`` (update scale alpha / rank) and ``dropout`` on the
+    """``model/mode=lora``: adapters of ``rank`` with ``alpha`` (update scale alpha / rank) and ``dropout`` on the
     adapters' input. ``target_modules``: layer-name suffixes in the U-Net (attention and feed-forward by
     default); ``conv`` adds the ResBlock convolutions; ``text_encoder`` adapts the text tower's MLPs too.
     ``init_weights``: a LoRA file (any layout ``ldm.interchange.lora_files`` reads) to start from."""
@@ -52,11 +52,11 @@ class LoraOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise LoraError(f"model.lora.rank={self.rank!r} must be a positive integer, e.g. 4")
-        check_number("model.lora.alpha", self.alpha, minimum=0.0, strict_minimum=True)
-        check_number("model.lora.dropout", self.dropout, minimum=0.0, maximum=1.0)
+            raise LoraError(f"model.mode.rank={self.rank!r} must be a positive integer, e.g. 4")
+        check_number("model.mode.alpha", self.alpha, minimum=0.0, strict_minimum=True)
+        check_number("model.mode.dropout", self.dropout, minimum=0.0, maximum=1.0)
         if not self.target_modules:
-            raise LoraError("model.lora.target_modules is empty; give layer-name suffixes such as [to_q, to_v]")
+            raise LoraError("model.mode.target_modules is empty; give layer-name suffixes such as [to_q, to_v]")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     def unet_targets(self) -> tuple[str, ...]:
@@ -123,18 +123,18 @@ def adapter_weights(modules: Mapping[str, nn.Module]) -> dict[str, LoraWeights]:
 
 def set_adapter_weights(modules: Mapping[str, nn.Module], adapters: Mapping[str, LoraWeights], source: str) -> None:
     """Copy ``adapters`` (from a file) into the peft layers; the file's alpha is folded into ``up`` so its update
-    is kept exactly whatever ``model.lora.alpha`` is. Every file layer must be adapted here with its rank."""
+    is kept exactly whatever ``model.mode.alpha`` is. Every file layer must be adapted here with its rank."""
     layers = {f"{component}.{name}": layer for component, module in modules.items()
               for name, layer in lora_layers(module).items()}
     missing = sorted(set(adapters) - set(layers))
     if missing:
-        raise LoraError(f"{source} adapts {len(missing)} layer(s) that model.lora does not target: "
-                        f"{', '.join(missing[:20])}; widen model.lora.target_modules (or set conv/text_encoder)")
+        raise LoraError(f"{source} adapts {len(missing)} layer(s) that model.mode.target_modules does not target: "
+                        f"{', '.join(missing[:20])}; widen model.mode.target_modules (or set conv/text_encoder)")
     for name, weights in adapters.items():
         layer = layers[name]
         if layer.r[ADAPTER] != weights.rank:
-            raise LoraError(f"{source} has rank {weights.rank} at {name} but model.lora.rank={layer.r[ADAPTER]}; "
-                            f"set model.lora.rank={weights.rank}")
+            raise LoraError(f"{source} has rank {weights.rank} at {name} but model.mode.rank={layer.r[ADAPTER]}; "
+                            f"set model.mode.rank={weights.rank}")
         up_scale = (weights.alpha / weights.rank) / layer.scaling[ADAPTER]
         layer.lora_A[ADAPTER].weight.data.copy_(weights.down)
         layer.lora_B[ADAPTER].weight.data.copy_(weights.up * up_scale)

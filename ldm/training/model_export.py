@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from ldm.tools.export import export_pipeline
 from ldm.training.fsdp import whole_pipeline
-from ldm.training.lora_module import write_run_lora
+from ldm.training.lora_training import write_run_lora
 
 
 class ExportModelAtEnd(L.Callback):
@@ -16,14 +16,14 @@ class ExportModelAtEnd(L.Callback):
     safetensors weights, configs, tokenizer and scheduler, which ``TextToImagePipeline.from_pretrained``
     and diffusers' ``StableDiffusionPipeline.from_pretrained`` load with nothing else of the run.
     A folder left by an earlier end of the same run (a resumed run ending again) is replaced. A LoRA run
-    (``model.lora``) also writes its adapters to ``lora/`` beside it, in diffusers' and kohya's layouts."""
+    (``model/mode=lora``) also writes its adapters to ``lora/`` beside it, in diffusers' and kohya's layouts."""
 
     def __init__(self, output_dir: str, use_ema: bool = True) -> None:
         self.output_dir = Path(output_dir)
         self.use_ema = use_ema
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        use_ema = self.use_ema and getattr(pl_module, "ema_unet", None) is not None
+        use_ema = self.use_ema and getattr(pl_module, "ema_network", None) is not None
         pipeline = whole_pipeline(trainer.strategy.model, pl_module, use_ema=use_ema)  # every rank: FSDP gathers
         if pipeline is None:  # not rank 0
             return
@@ -33,7 +33,7 @@ class ExportModelAtEnd(L.Callback):
         if self.output_dir.exists():
             shutil.rmtree(self.output_dir)
         written.rename(self.output_dir)
-        if getattr(pl_module, "lora", None):  # a LoRA run also hands over its adapters alone, in both layouts
+        if pl_module.mode.lora:  # a LoRA run also hands over its adapters alone, in both layouts
             lora_dir = self.output_dir.with_name("lora")
             for path in write_run_lora(pl_module, lora_dir, use_ema=use_ema):
                 print(f"LoRA weights written to {path}")

@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class PostHocEMASnapshots(L.Callback):
-    """Tracks ``pl_module.unet`` with one power-function EMA per ``sigma_rels`` and writes their snapshots
+    """Tracks ``pl_module.network`` with one power-function EMA per ``sigma_rels`` and writes their snapshots
     to ``output_dir`` every ``every_n_steps`` optimizer steps (rank 0). Off unless listed in the callbacks.
 
     The EMA state is kept in checkpoints, so a resumed run continues the profiles. Each snapshot costs one
@@ -61,7 +61,7 @@ class PostHocEMASnapshots(L.Callback):
         if isinstance(trainer.strategy, FSDPStrategy):  # its profiles would copy the local shards, not the U-Net
             raise ValueError("callbacks.posthoc_ema does not run under trainer=fsdp (it keeps whole copies of the "
                              "U-Net); use trainer=ddp, or the module's own EMA (model.ema_decay)")
-        self.ema = PostHocEMA(pl_module.unet, sigma_rels=self.sigma_rels, update_every=1,
+        self.ema = PostHocEMA(pl_module.network, sigma_rels=self.sigma_rels, update_every=1,
                               checkpoint_every_num_steps="manual", checkpoint_folder=str(self.output_dir),
                               checkpoint_dtype=DTYPES[self.dtype])
         self.ema.to(pl_module.device)
@@ -70,7 +70,7 @@ class PostHocEMASnapshots(L.Callback):
             self._pending_state = None
         self._last_step = trainer.global_step
         if self.check_sigma_rel is not None:
-            self.direct = KarrasEMA(pl_module.unet, sigma_rel=self.check_sigma_rel, update_every=1).to(pl_module.device)
+            self.direct = KarrasEMA(pl_module.network, sigma_rel=self.check_sigma_rel, update_every=1).to(pl_module.device)
         if trainer.is_global_zero:
             record = {"sigma_rels": list(self.sigma_rels), "gammas": list(self.ema.gammas),
                       "every_n_steps": self.every_n_steps, "dtype": self.dtype}
@@ -159,13 +159,13 @@ def synthesize_state(snapshot_dir: str | Path, sigma_rel: float, step: int | Non
 
 
 def apply_posthoc_ema(pipeline, snapshots: str | Path, sigma_rel: float, step: int | None = None) -> None:
-    """Replace ``pipeline.unet``'s weights with the post-hoc EMA of ``sigma_rel`` (snapshot keys must match)."""
-    state = pipeline.unet.state_dict()
+    """Replace ``pipeline.network``'s weights with the post-hoc EMA of ``sigma_rel`` (snapshot keys must match)."""
+    state = pipeline.network.state_dict()
     synthesized = synthesize_state(snapshots, sigma_rel, step)
     unknown = sorted(set(synthesized) - set(state))
     if unknown or not synthesized:
         raise ValueError(f"the snapshots in {snapshots} do not fit this model's U-Net (e.g. {unknown[:3]}); "
                          "give --model from the same run")
     state.update({key: value.to(state[key].dtype) for key, value in synthesized.items()})
-    pipeline.unet.load_state_dict(state)
+    pipeline.network.load_state_dict(state)
     pipeline.ema_state = None

@@ -94,9 +94,9 @@ class SampleGridLogger(L.Callback):
         """Refuse a sampler that does not fit the model's objective (None: the objective's default), and
         choose the prompts from the validation captions when none were listed."""
         if self.sampler is not None:
-            check_sampler(self.sampler, pl_module.prediction_type, key="callbacks.sample_grid.sampler")
+            check_sampler(self.sampler, pl_module.objective.prediction_type, key="callbacks.sample_grid.sampler")
         multiple = (int(getattr(getattr(pl_module, "vae", None), "downsample_factor", 1))
-                    * int(getattr(getattr(pl_module, "unet", None), "downsample_factor", 1)))
+                    * int(getattr(getattr(pl_module, "network", None), "downsample_factor", 1)))
         for height, width in self.sizes or [(self.height, self.width)]:
             if height % multiple or width % multiple:
                 raise ValueError(f"callbacks.sample_grid: {height}x{width} is not a multiple of {multiple} (the VAE's "

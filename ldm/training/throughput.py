@@ -1,4 +1,4 @@
-"""Training throughput: images/s, latents/s, the U-Net's TFLOP/s and MFU, and time spent waiting for data.
+"""Training throughput: images/s, latents/s, the network's TFLOP/s and MFU, and time spent waiting for data.
 
 FLOPs are counted with Lightning's ``measure_flops``, and a GPU's peak comes from Lightning's data sheets
 (``get_available_flops``).
@@ -16,6 +16,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 from torch import nn
 
+from ldm.conditioning import Conditioning
+
 
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (no memory, same shapes)."""
@@ -29,15 +31,16 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def unet_training_flops(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> int:
-    """FLOPs of one forward and backward pass of ``unet`` on inputs shaped like ``args``/``kwargs``.
+def network_training_flops(network: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> int:
+    """FLOPs of one forward and backward pass of ``network`` on inputs shaped like ``args``/``kwargs``
+    (tensors, or a ``Conditioning`` of them).
 
     Counted by Lightning's ``measure_flops`` (torch's FlopCounterMode) on a meta-device copy, so nothing runs
     and no memory is taken. Matmuls and convolutions count 2 FLOPs per multiply-add; the backward
     is counted as traced (about 2x the forward). Gradient checkpointing's recomputation is not
     counted (``use_checkpoint`` is off on the copy), as model FLOPs utilisation requires.
     """
-    model = meta_copy(unet).train()
+    model = meta_copy(network).train()
     for submodule in model.modules():
         if hasattr(submodule, "use_checkpoint"):
             submodule.use_checkpoint = False
@@ -45,6 +48,8 @@ def unet_training_flops(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str
     parameter_dtype = next(model.parameters()).dtype
 
     def to_meta(value: Any) -> Any:
+        if isinstance(value, Conditioning):
+            return value.map(to_meta)
         if not isinstance(value, torch.Tensor):
             return value
         # Inputs made under autocast (bf16-mixed) are bf16 while the copy's weights are not; the count
@@ -118,8 +123,8 @@ class ThroughputMonitor(L.Callback):
     """Logs training speed every ``window`` optimizer steps, averaged over the window.
 
     ``perf/images_per_s`` and ``perf/latents_per_s`` (all ranks; images count pixel images and
-    precomputed latents alike, latents what the U-Net trains on, see ``batch_images_and_latents``),
-    ``perf/unet_tflops`` (per device, model FLOPs of the U-Net's forward and backward), ``perf/mfu``
+    precomputed latents alike, latents what the network trains on, see ``batch_images_and_latents``),
+    ``perf/network_tflops`` (per device, model FLOPs of the network's forward and backward), ``perf/mfu``
     (that over ``peak_tflops``) and ``perf/data_wait_ms`` (per batch: from the end of one batch to the
     start of the next, the time the loop waits for the dataloader). A window that validation or a
     checkpoint write interrupts starts again after it. ``peak_tflops``: the device's dense peak in the
@@ -134,8 +139,8 @@ class ThroughputMonitor(L.Callback):
         self.peak_tflops = peak_tflops
         self.flops_per_batch: int | None = None
         self._hook: Any = None
-        self._unet_inputs: tuple[tuple, dict] | None = None
-        self._unet_meta: nn.Module | None = None
+        self._network_inputs: tuple[tuple, dict] | None = None
+        self._network_meta: nn.Module | None = None
         self._last_batch_end: float | None = None
         self._reset_window()
 
@@ -146,22 +151,22 @@ class ThroughputMonitor(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Copied before the strategy wraps the model: FSDP's sharded parameters have no full shape.
-        unet = getattr(pl_module, "unet", None)
-        if stage == "fit" and unet is not None and self.flops_per_batch is None:
-            self._unet_meta = meta_copy(unet)
+        network = getattr(pl_module, "network", None)
+        if stage == "fit" and network is not None and self.flops_per_batch is None:
+            self._network_meta = meta_copy(network)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_tflops is None:
             self.peak_tflops, source = device_peak_tflops(pl_module.device, precision_dtype(trainer.precision))
             pl_module.print(f"ThroughputMonitor: peak {self.peak_tflops:.3f} TFLOP/s on {pl_module.device} ({source}); "
                             f"set callbacks.throughput.peak_tflops to override it")
-        unet = getattr(pl_module, "unet", None)
-        if unet is not None and self._unet_meta is not None:
+        network = getattr(pl_module, "network", None)
+        if network is not None and self._network_meta is not None:
             def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                self._unet_inputs = (args, kwargs)
+                self._network_inputs = (args, kwargs)
                 self._hook.remove()
 
-            self._hook = unet.register_forward_pre_hook(capture, with_kwargs=True)
+            self._hook = network.register_forward_pre_hook(capture, with_kwargs=True)
 
     def _interrupt(self) -> None:
         """Validation or a checkpoint write runs between batches: restart the window after it, so that
@@ -189,10 +194,10 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.flops_per_batch is None and self._unet_inputs is not None:
-            args, kwargs = self._unet_inputs
-            self.flops_per_batch = unet_training_flops(self._unet_meta, args, kwargs)
-            self._unet_inputs = self._unet_meta = None
+        if self.flops_per_batch is None and self._network_inputs is not None:
+            args, kwargs = self._network_inputs
+            self.flops_per_batch = network_training_flops(self._network_meta, args, kwargs)
+            self._network_inputs = self._network_meta = None
         self._last_batch_end = time.perf_counter()
         if self._window_start is None:  # interrupted during this batch's hooks (a checkpoint write)
             return
@@ -209,7 +214,7 @@ class ThroughputMonitor(L.Callback):
         }
         if self.flops_per_batch is not None:
             tflops = self.flops_per_batch * self._batches / elapsed / 1e12
-            metrics["perf/unet_tflops"] = tflops
+            metrics["perf/network_tflops"] = tflops
             if self.peak_tflops:
                 metrics["perf/mfu"] = tflops / self.peak_tflops
         pl_module.log_dict(metrics, batch_size=1)

@@ -19,7 +19,8 @@ from omegaconf import open_dict
 from ldm.checkpoints import save_weights
 from ldm.config import instantiate_module
 from ldm.data.datamodule import LatentShardDataModule
-from ldm.data.latents import load_npy, precomputed_context
+from ldm.data.latents import load_npy
+from ldm.models.conditioner import with_empty_captions
 from ldm.data.shards import image_text_dataset
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.tools import precompute_latents as tool
@@ -167,10 +168,10 @@ def test_latent_batches_train_without_any_vae_encode(latent_dir, monkeypatch):
 def test_dropped_captions_get_the_empty_caption_states():
     states = torch.randn(3, 16, 64)
     empty = torch.full((1, 16, 64), 7.0)
-    context = precomputed_context(states, ["a", "", "c"], lambda captions: empty)
+    context = with_empty_captions(states, ["a", "", "c"], lambda captions: empty)
     assert torch.equal(context[1], empty[0]) and torch.equal(context[[0, 2]], states[[0, 2]])
     with pytest.raises(ValueError, match="differ from the text encoder"):
-        precomputed_context(states, [""] * 3, lambda captions: torch.zeros(1, 77, 64))
+        with_empty_captions(states, [""] * 3, lambda captions: torch.zeros(1, 77, 64))
 
 
 def train_entry():

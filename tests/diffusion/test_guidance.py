@@ -3,16 +3,18 @@
 import pytest
 import torch
 
+from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import classifier_free_guidance
 
 
 class CountingModel:
-    """model(x, t, context) = x * mean(context) + t / 1000, recording the batch of every call."""
+    """model(x, t, cond) = x * mean(cond.tokens) + t / 1000, recording the batch of every call."""
 
     def __init__(self):
         self.batch_sizes = []
 
-    def __call__(self, x, t, context):
+    def __call__(self, x, t, cond):
+        context = cond.tokens
         self.batch_sizes.append(x.shape[0])
         assert context.shape[0] == x.shape[0] == t.shape[0]
         return x * context.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) / 1000
@@ -22,20 +24,20 @@ def inputs(batch_size=3):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 4, 8, 8, generator=generator)
     t = torch.full((batch_size,), 500.0)
-    context = torch.randn(batch_size, 7, 16, generator=generator) + 1.0
-    uncond_context = torch.randn(1, 7, 16, generator=generator)
+    context = Conditioning(torch.randn(batch_size, 7, 16, generator=generator) + 1.0)
+    uncond_context = Conditioning(torch.randn(1, 7, 16, generator=generator))
     return x, t, context, uncond_context
 
 
 @pytest.mark.parametrize("uncond_batch", [1, 3])
 def test_guidance_runs_one_batched_forward_and_extrapolates(uncond_batch):
     x, t, context, uncond_context = inputs()
-    uncond_context = uncond_context.expand(uncond_batch, -1, -1)
+    uncond_context = uncond_context.expand(uncond_batch)
     model = CountingModel()
     guided = classifier_free_guidance(model, context, uncond_context, guidance_scale=7.5)(x, t)
     assert model.batch_sizes == [6]
     conditional = CountingModel()(x, t, context)
-    unconditional = CountingModel()(x, t, uncond_context.expand(3, -1, -1))
+    unconditional = CountingModel()(x, t, uncond_context.expand(3))
     torch.testing.assert_close(guided, unconditional + 7.5 * (conditional - unconditional))
 
 
@@ -66,5 +68,5 @@ def test_rescale_matches_the_conditional_std_and_blends_by_phi():
 
 def test_mismatched_uncond_batch_is_refused():
     x, t, context, _ = inputs()
-    with pytest.raises(ValueError, match="uncond_context has batch 2"):
-        classifier_free_guidance(CountingModel(), context, torch.zeros(2, 7, 16), 5.0)
+    with pytest.raises(ValueError, match="unconditional conditioning has batch 2"):
+        classifier_free_guidance(CountingModel(), context, Conditioning(torch.zeros(2, 7, 16)), 5.0)
