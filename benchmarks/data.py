@@ -195,8 +195,8 @@ def build_module(device: str):
     from ldm.config import instantiate_module
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model/vae=sd", "model.vae_weights=null",
-                                          "model.latent_scale_factor=0.18215", "model.ema_decay=null"])
+        cfg = compose("train", overrides=["experiment=demo", "model/vae=sd", "model.latents.vae_weights=null",
+                                          "model.latents.scale_factor=0.18215", "model.ema_decay=null"])
     torch.manual_seed(0)
     return instantiate_module(cfg.model).to(device), cfg
 
@@ -230,14 +230,14 @@ def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int,
                                   steps + 1)
     latent_batches = first_batches(LatentShardDataModule(train_shards=str(work / "latents" / "00000.tar"), **common),
                                    steps)
-    optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(module.network.parameters(), lr=1e-4)
 
     def step(batch: dict) -> float:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if device == "cuda":
             torch.cuda.synchronize()
         begun = time.perf_counter()
-        loss = module.diffusion_loss(module.batch_latents(batch), module.batch_context(batch))
+        loss = module.diffusion_loss(module.batch_latents(batch), module.batch_conditioning(batch))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,7 +254,7 @@ def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int,
     return {
         "vae": "configs/model/vae/sd.yaml (random weights)",
         "vae_parameters": sum(p.numel() for p in module.vae.parameters()),
-        "unet": "configs/model/unet/tiny.yaml", "unet_parameters": sum(p.numel() for p in module.unet.parameters()),
+        "unet": "configs/model/network/tiny.yaml", "unet_parameters": sum(p.numel() for p in module.network.parameters()),
         "text_encoder": "configs/model/text_encoder/tiny.yaml (run in both arms)",
         "batch_size": batch_size, "steps": steps, "pixel_step_s": pixels, "latent_step_s": latents,
         "speedup": pixels / latents, "precompute_s_per_image": precompute_seconds / (steps * batch_size),

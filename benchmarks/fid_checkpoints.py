@@ -39,7 +39,7 @@ def untrained_like(pipeline: TextToImagePipeline) -> TextToImagePipeline:
     """The same pipeline with a fresh, seeded U-Net (the same frozen VAE and text encoder)."""
     torch.manual_seed(0)
     return TextToImagePipeline(
-        unet=build(pipeline.model_config["unet"]).eval(), vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+        network=build(pipeline.model_config["network"]).eval(), vae=pipeline.vae, text_encoder=pipeline.text_encoder,
         alphas_cumprod=pipeline.alphas_cumprod, latent_scale_factor=pipeline.latent_scale_factor,
         prediction_type=pipeline.prediction_type, model_config=pipeline.model_config)
 

@@ -69,10 +69,10 @@ SETTINGS = {
 # Random-weight models for the pipeline section: component configs (configs/model/...) and the text tower.
 VIT_H_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24, "output_dim": 1024}
 PIPELINE_MODELS = {
-    "sd2-base": {"unet": "unet/sd2.yaml", "vae": "vae/sd.yaml", "latent_scale_factor": 0.18215,
+    "sd2-base": {"unet": "network/sd2.yaml", "vae": "vae/sd.yaml", "latent_scale_factor": 0.18215,
                  "text_encoder": {"_target_": "ldm.models.text_encoders.FrozenOpenCLIPTextEncoder", "text_cfg": VIT_H_TEXT,
                                   "layer": "penultimate", "tokenizer_name": "ViT-H-14", "seed": 0}},
-    "tiny": {"unet": "unet/tiny.yaml", "vae": "vae/tiny.yaml", "latent_scale_factor": 0.7,
+    "tiny": {"unet": "network/tiny.yaml", "vae": "vae/tiny.yaml", "latent_scale_factor": 0.7,
              "text_encoder": "text_encoder/tiny.yaml"},
 }
 
@@ -250,7 +250,7 @@ def section_training(settings: dict, env: dict, work: Path) -> Callable[[float],
         run_dir = work / "train_run"
         run_program([
             "train.py", "experiment=demo", f"trainer={training['trainer']}", "trainer.precision=bf16-mixed",
-            "logger=csv", "callbacks=default", "model.vae_weights=null", "model.latent_scale_factor=0.7",
+            "logger=csv", "callbacks=default", "model.latents.vae_weights=null", "model.latents.scale_factor=0.7",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
             "trainer.max_time=null", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
             f"model.lr_schedule.warmup_steps={max(steps // 5, 1)}", f"data.batch_size={training['batch']}",

@@ -76,7 +76,7 @@ def measure(pipeline: TextToImagePipeline, images_per_prompt: int, sampler: str,
 
 def train(experiment: str, overrides: list[str], base: Path, run_dir: Path) -> float:
     """Run train.py for ``experiment`` (plus Hydra ``overrides``) into ``run_dir``; returns its wall time in s."""
-    command = [sys.executable, "train.py", f"experiment={experiment}", f"model.pretrained.path={base}",
+    command = [sys.executable, "train.py", f"experiment={experiment}", f"model.mode.pretrained.path={base}",
                "logger=none", f"hydra.run.dir={run_dir}", *overrides]
     environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `make test`: busy-waiting threads stall a shared CPU
@@ -91,8 +91,8 @@ def train(experiment: str, overrides: list[str], base: Path, run_dir: Path) -> f
 def trainable_fraction(checkpoint: Path, base: TextToImagePipeline) -> dict[str, float]:
     """Adapter parameters (from the run's checkpoint) over the base U-Net's and the whole model's."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    adapters = sum(v.numel() for k, v in state.items() if k.startswith("unet.") and ".lora_" in k)
-    unet = sum(p.numel() for p in base.unet.parameters())
+    adapters = sum(v.numel() for k, v in state.items() if k.startswith("network.") and ".lora_" in k)
+    unet = sum(p.numel() for p in base.network.parameters())
     whole = unet + sum(p.numel() for p in base.vae.parameters()) + sum(p.numel() for p in base.text_encoder.parameters())
     return {"adapter_parameters": adapters, "unet_parameters": unet, "model_parameters": whole,
             "fraction_of_unet": adapters / unet, "fraction_of_model": adapters / whole}

@@ -78,7 +78,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     ours = TextToImagePipeline.from_pretrained(model, device=device)
-    for part in (ours.unet, ours.vae, ours.text_encoder):
+    for part in (ours.network, ours.vae, ours.text_encoder):
         part.to(dtype)
     reference = diffusers_pipeline(model, args.sampler, device, dtype)
     options = ldm_sampler_options(dict(reference.scheduler.config))

@@ -51,9 +51,9 @@ from benchmarks.unet import synchronize  # noqa: E402
 from ldm.diffusion.objectives import q_sample  # noqa: E402
 from ldm.diffusion.schedules import NoiseSchedule  # noqa: E402
 from ldm.training.ema import EMAModel, ema_decay_at  # noqa: E402
-from ldm.training.throughput import measured_peak_tflops, unet_training_flops  # noqa: E402
+from ldm.training.throughput import measured_peak_tflops, network_training_flops  # noqa: E402
 
-# Preset (configs/model/unet/NAME.yaml), latent side, context tokens, default batch per device type.
+# Preset (configs/model/network/NAME.yaml), latent side, context tokens, default batch per device type.
 SIZES = {
     "tiny": dict(preset="tiny", latent_size=8, tokens=77, batch={"cpu": 64, "cuda": 256}),  # the demo: 32 px, f=4
     "sd2-base": dict(preset="sd2", latent_size=32, tokens=77, batch={"cpu": 1, "cuda": 32}),  # 256 px, f=8
@@ -66,7 +66,7 @@ GPU_BF16_PEAK_TFLOPS = [("H200", 989.4), ("H100 80GB HBM3", 989.4), ("H100 SXM",
 
 def preset_arguments(preset: str) -> dict:
     """Keyword arguments of UNetModel from a config preset (without ``_target_``)."""
-    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/unet" / f"{preset}.yaml"))
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/network" / f"{preset}.yaml"))
     config.pop("_target_")
     return config
 
@@ -135,7 +135,7 @@ def benchmark(size: str, precision: str, args: argparse.Namespace) -> dict:
         probe_t = torch.tensor([10, 500], device=device)
         difference = (unet(latents[:2], probe_t, context[:2])
                       - reference(latents[:2], probe_t, encoder_hidden_states=context[:2]).sample).abs().max()
-    flops = unet_training_flops(unet, (latents, torch.zeros(batch, dtype=torch.long, device=device), context))
+    flops = network_training_flops(unet, (latents, torch.zeros(batch, dtype=torch.long, device=device), context))
     steps = {"ldm": TrainStep(unet, True, autocast_dtype, device, args.compile),
              "diffusers": TrainStep(reference, False, autocast_dtype, device, args.compile)}
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -172,8 +172,8 @@ def demo_module(channels_last: bool) -> torch.nn.Module:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
-                                          f"model.channels_last={channels_last}"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
+                                          f"model.latents.channels_last={channels_last}"])
     return instantiate_module(cfg.model).train()
 
 
@@ -189,20 +189,20 @@ class DemoStep:
         self.precomputed = precomputed
         self.optimizer = module.configure_optimizers()["optimizer"]
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.ema_update = ema_update or module.ema_unet.update_parameters
+        self.ema_update = ema_update or module.ema_network.update_parameters
 
     def __call__(self, batch: dict, generator: torch.Generator) -> float:
         module = self.module
         if self.precomputed:
-            latents, context = module.batch_latents(batch), module.batch_context(batch)
+            latents, context = module.batch_latents(batch), module.batch_conditioning(batch)
         else:
-            latents, context = module.encode_images(batch["image"]), module.encode_captions(batch["caption"])
+            latents, context = module.encode_images(batch["image"]), module.conditioning(batch["caption"])
         loss = module.diffusion_loss(latents, context)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema_update(module.unet)
+        self.ema_update(module.network)
         return loss.detach()
 
 
@@ -255,8 +255,8 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
 
     unet, reference, config = build_pair("tiny")
     module = demo_module(channels_last=arm == "ldm demo now")
-    module.unet.load_state_dict(unet.state_dict())
-    module.ema_unet.module.load_state_dict(unet.state_dict())
+    module.network.load_state_dict(unet.state_dict())
+    module.ema_network.module.load_state_dict(unet.state_dict())
     facts = sample_scene_facts(batch_size, seed=0, split="train")
     pixels = torch.stack([torch.from_numpy(np.array(render_scene(resolution=32, **f))).float()
                           for f in facts]).permute(0, 3, 1, 2) / 127.5 - 1
@@ -264,14 +264,14 @@ def demo_arm_step(arm: str, batch_size: int) -> Callable[[torch.Generator], floa
     with torch.no_grad():  # what data=demo_latents stores: the posterior and the text states, once
         posterior = module.vae.encode(pixels)
         stored = {"latent_mean": posterior.mean, "latent_std": posterior.std,
-                  "text_states": module.encode_captions(captions), "caption": captions}
+                  "text_states": module.conditioning(captions).tokens, "caption": captions}
     if arm == "ldm demo now":
         step = DemoStep(module, precomputed=True)
         return lambda generator: step(stored, generator)
     if arm == "ldm demo before":
-        for geglu in [m for m in module.unet.modules() if isinstance(m, GEGLU)]:
+        for geglu in [m for m in module.network.modules() if isinstance(m, GEGLU)]:
             geglu.proj = CalledProjection(geglu.proj)
-        step = DemoStep(module, precomputed=False, ema_update=averaged_model_update(module.ema_unet))
+        step = DemoStep(module, precomputed=False, ema_update=averaged_model_update(module.ema_network))
         images = {"image": pixels, "caption": captions}
         return lambda generator: step(images, generator)
     bare = TrainStep(reference, False, torch.bfloat16 if arm == "diffusers bf16" else None, "cpu", False)

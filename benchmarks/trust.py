@@ -148,7 +148,7 @@ def posthoc_curve(run: Path, args: argparse.Namespace, extractor, real: torch.Te
         direct = torch.load(direct_file, weights_only=True)
         synthesized = synthesize_state(snapshots, sigma_rel, step=direct["step"])
         tracked = {k.removeprefix("ema_model."): v for k, v in direct["state_dict"].items()}
-        raw = TextToImagePipeline.from_pretrained(run / "checkpoints" / "last.ckpt", use_ema=False).unet.state_dict()
+        raw = TextToImagePipeline.from_pretrained(run / "checkpoints" / "last.ckpt", use_ema=False).network.state_dict()
         num = sum(float((synthesized[k] - tracked[k]).pow(2).sum()) for k in synthesized)
         den = sum(float(tracked[k].pow(2).sum()) for k in synthesized)
         raw_gap = sum(float((raw[k] - tracked[k]).pow(2).sum()) for k in synthesized)

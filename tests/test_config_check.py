@@ -14,7 +14,7 @@ from ldm.config import config_error_message, register_resolvers
 from ldm.config_check import ConfigError, build_options, check_config, check_number
 from ldm.evaluation.options import EvalOptions
 from ldm.interchange.pretrained import PretrainedWeights
-from ldm.training.diffusion_module import check_optimizer_arguments
+from ldm.training.module_checks import check_optimizer_arguments
 
 from .docs.commands import ROOT
 
@@ -43,7 +43,7 @@ def refused(error: pytest.ExceptionInfo, key: str) -> str:
 
 @pytest.mark.parametrize("overrides", [
     [],
-    ["experiment=sd15_finetune", "model.pretrained.path=/ckpt/v1-5.safetensors",
+    ["experiment=sd15_finetune", "model.mode.pretrained.path=/ckpt/v1-5.safetensors",
      "data.train_shards='/data/laion/{00000..00009}.tar'"],
     ["data=shards", "data.train_shards=/data/a.tar", "data.filters.min_width=512", "data.filters.max_punsafe=0.1"],
 ])
@@ -61,10 +61,10 @@ def test_shipped_configs_pass_the_start_up_check(tmp_path, overrides):
     (["data=shards", "data.train_shards=/a.tar", "data.filters.max_punsafe=2"], "data.filters.max_punsafe", "[0, 1]"),
     (["data=shards", "data.train_shards=/a.tar", "data.filters.min_width=wide"], "data.filters.min_width", "int"),
     (["data=shards"], "data.train_shards", "is required"),
-    (["+model.unet.channel_mul=[1,2]"], "model.unet.channel_mul", "did you mean model.unet.channel_mult"),
-    (["+model.pretrained.path=/x.safetensors", "+model.pretrained.use_ema=maybe"], "model.pretrained.use_ema",
+    (["+model.network.channel_mul=[1,2]"], "model.network.channel_mul", "did you mean model.network.channel_mult"),
+    (["+model.mode.pretrained.path=/x.safetensors", "+model.mode.pretrained.use_ema=maybe"], "model.mode.pretrained.use_ema",
      "must be bool"),
-    (["+model.pretrained.use_ema=true"], "model.pretrained.path", "is required"),
+    (["+model.mode.pretrained.use_ema=true"], "model.mode.pretrained.path", "is required"),
     (["trainer.max_steps=many"], "trainer.max_steps", "must be int"),
 ])
 def test_bad_training_configs_stop_at_start_up_naming_the_key(tmp_path, overrides, key, says):
@@ -112,10 +112,10 @@ def test_a_good_optimizer_passes():
 
 
 def test_pretrained_given_as_a_mapping_is_built_and_checked():
-    assert build_options(PretrainedWeights, {"path": "/x"}, "model.pretrained") == PretrainedWeights("/x")
+    assert build_options(PretrainedWeights, {"path": "/x"}, "model.mode.pretrained") == PretrainedWeights("/x")
     with pytest.raises(ConfigError) as error:
-        build_options(PretrainedWeights, {"path": " "}, "model.pretrained")
-    refused(error, "model.pretrained.path")
+        build_options(PretrainedWeights, {"path": " "}, "model.mode.pretrained")
+    refused(error, "model.mode.pretrained.path")
 
 
 def test_check_number_bounds():

@@ -26,12 +26,18 @@ def imported_modules(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", ["models", "diffusion"])
 def test_model_and_diffusion_code_import_torch_only(package):
+    """Besides torch (and open_clip for the text towers) they import their own package and the Conditioning."""
     allowed_third_party = {"torch"} | ({"open_clip"} if package == "models" else set())
     for path in sorted((ROOT / "ldm" / package).glob("*.py")):
         for name in imported_modules(path):
             top = name.split(".")[0]
-            assert (top in STANDARD_LIBRARY or top in allowed_third_party
+            assert (top in STANDARD_LIBRARY or top in allowed_third_party or name == "ldm.conditioning"
                     or name.startswith(f"ldm.{package}")), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_conditioning_contract_imports_torch_only():
+    for name in imported_modules(ROOT / "ldm" / "conditioning.py"):
+        assert name.split(".")[0] in STANDARD_LIBRARY | {"torch"}, name
 
 
 def test_inference_code_imports_no_training_code():

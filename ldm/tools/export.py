@@ -23,6 +23,7 @@ adapters, of a LoRA run's checkpoint or of ``--lora FILE`` (converting its layou
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,16 @@ LORA_FORMAT = "lora"
 UNET_TARGET = "ldm.models.unet.UNetModel"
 
 
+def check_exportable(model_config: Mapping[str, Any]) -> None:
+    """ValueError unless the network of ``model_config`` (the components' ``_target_`` configs) has a layout in
+    diffusers folders and SD files: those hold U-Nets."""
+    target = (model_config.get("network") or {}).get("_target_")
+    if target != UNET_TARGET:
+        raise ValueError(f"the network is a {target}: diffusers folders and SD files hold U-Nets ({UNET_TARGET}) and "
+                         f"this family has no mapping to them; its training checkpoint (last.ckpt) is the model, "
+                         f"which from_pretrained loads")
+
+
 def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str = "diffusers") -> Path:
     """Write a pipeline (with its ``model_config``) as a diffusers folder or an SD single file."""
     if format not in FORMATS:
@@ -48,10 +59,7 @@ def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str 
     config = pipeline.model_config
     if not all(name in config for name in ("network", "vae", "noise_schedule")):
         raise ValueError("the pipeline has no model_config: build it with TextToImagePipeline.from_pretrained")
-    if config["network"].get("_target_") != UNET_TARGET:
-        raise ValueError(f"the network is a {config['network'].get('_target_')}: diffusers folders and SD files hold "
-                         f"U-Nets ({UNET_TARGET}); this family has no mapping to them, so load its training "
-                         f"checkpoint with from_pretrained instead")
+    check_exportable(config)
     unet_state, vae_state = pipeline.network.state_dict(), pipeline.vae.state_dict()
     text_encoder = pipeline.text_encoder
     if format == "diffusers":

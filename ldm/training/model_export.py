@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from ldm.tools.export import export_pipeline
+from ldm.tools.export import check_exportable, export_pipeline
 from ldm.training.fsdp import whole_pipeline
 from ldm.training.lora_training import write_run_lora
 
@@ -21,6 +21,15 @@ class ExportModelAtEnd(L.Callback):
     def __init__(self, output_dir: str, use_ema: bool = True) -> None:
         self.output_dir = Path(output_dir)
         self.use_ema = use_ema
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A network family without a diffusers layout stops the run before its first step, not at its end."""
+        if stage == "fit" and getattr(pl_module, "model_config", None):
+            try:
+                check_exportable(pl_module.model_config)
+            except ValueError as error:
+                raise ValueError(f"callbacks.export_model: {error}; drop the callback with ~callbacks.export_model"
+                                 ) from None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         use_ema = self.use_ema and getattr(pl_module, "ema_network", None) is not None

@@ -41,20 +41,20 @@ print(f"a batch: images {tuple(batch['image'].shape)}, e.g. caption {batch['capt
 # the frozen text encoder. Then:
 
 # %%
-def training_step(unet, latents, context, alphas_cumprod, generator):
-    """The epsilon-prediction loss of one batch: latents (B, 4, 8, 8), context (B, L, D)."""
+def training_step(unet, latents, cond, alphas_cumprod, generator):
+    """The epsilon-prediction loss of one batch: latents (B, 4, 8, 8), the caption's conditioning (tokens (B, L, D))."""
     t = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)  # t ~ U{0..T-1}
     noise = torch.randn(latents.shape, generator=generator)  # eps ~ N(0, I)
     x_t = q_sample(latents, t, noise, alphas_cumprod)  # the forward process, in one jump
-    prediction = unet(x_t, t, context)  # the U-Net guesses eps from x_t, t and the caption
+    prediction = unet(x_t, t, cond)  # the U-Net guesses eps from x_t, t and the caption
     return F.mse_loss(prediction, noise)
 
 
 latents = module.encode_images(batch["image"])
-context = module.encode_captions(batch["caption"])
-mine = training_step(module.unet, latents, context, module.alphas_cumprod, torch.Generator().manual_seed(0))
+cond = module.conditioning(batch["caption"])
+mine = training_step(module.network, latents, cond, module.alphas_cumprod, torch.Generator().manual_seed(0))
 module.objective.loss_weighting = "uniform"  # the demo trains with min-SNR weights (below); compare the plain MSE
-ldm = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(0))
+ldm = module.diffusion_loss(latents, cond, generator=torch.Generator().manual_seed(0))
 print(f"these dozen lines: {mine:.6f}   LatentDiffusion.diffusion_loss: {ldm:.6f}")
 torch.testing.assert_close(mine, ldm)
 
@@ -112,12 +112,12 @@ plt.show()
 
 # %%
 module.objective.loss_weighting = "min_snr"
-module.unet.train()
-optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3)
+module.network.train()
+optimizer = torch.optim.AdamW(module.network.parameters(), lr=1e-3)
 losses = []
 for step in range(train_steps):
     batch = next(batches)
-    loss = module.diffusion_loss(module.encode_images(batch["image"]), module.encode_captions(batch["caption"]))
+    loss = module.diffusion_loss(module.encode_images(batch["image"]), module.conditioning(batch["caption"]))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

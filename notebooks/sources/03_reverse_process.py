@@ -38,8 +38,8 @@ pipe = module.pipeline()  # the EMA U-Net, the VAE and the text encoder: ldm's o
 
 # %%
 prompt = "a red circle on a white background"
-context = module.encode_captions([prompt])
-denoise = classifier_free_guidance(pipe.unet, context, module.encode_captions([""]), guidance_scale=2.0)
+cond = module.conditioning([prompt])
+denoise = classifier_free_guidance(pipe.network, cond, module.conditioning([""]), guidance_scale=2.0)
 noise = pipe.initial_noise([0], 32, 32)
 steps = []
 sample_ddim(denoise, noise, module.alphas_cumprod, num_inference_steps,

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoints import read_metadata
 from ldm.data.synthetic import ensure_synthetic_dataset
 from ldm.evaluation.reference import read_image_caption_set
-from ldm.training.throughput import unet_training_flops
+from ldm.training.throughput import network_training_flops
 from tiny_model import ROOT, trained_vae, untrained_model
 
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
@@ -105,11 +105,11 @@ def step_flops(unet_config: dict, channels: int, side: int, context_length: int)
         unet = hydra.utils.instantiate({**unet_config, "in_channels": channels, "out_channels": channels})
         inputs = (torch.empty(1, channels, side, side), torch.zeros(1, dtype=torch.long),
                   torch.empty(1, context_length, unet.context_dim))
-    return unet_training_flops(unet, inputs)
+    return network_training_flops(unet, inputs)
 
 
-sd1 = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/unet/sd1.yaml"))
-for name, config, latent_side, factor, length in [("demo, 32 px (f=4)", module.model_config["unet"], 8, 4, 16),
+sd1 = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/network/sd1.yaml"))
+for name, config, latent_side, factor, length in [("demo, 32 px (f=4)", module.model_config["network"], 8, 4, 16),
                                                   ("SD 1.x, 512 px (f=8)", sd1, 64, 8, 77)]:
     latent = step_flops(config, 4, latent_side, length)
     pixel = step_flops(config, 3, latent_side * factor, length)

@@ -27,7 +27,7 @@ from tiny_model import tiny_model
 
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 module = tiny_model(cache_dir)
-unet = module.ema_unet.module  # the weights that generate
+unet = module.ema_network.module  # the weights that generate
 print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters")
 
 # %% [markdown]
@@ -125,7 +125,7 @@ images, coverages = torch.stack(images), torch.stack(coverages)  # (N, 3, 32, 32
 
 with torch.no_grad():
     latents = module.encode_images(images)
-    context = module.encode_captions(captions)
+    context = module.conditioning(captions).tokens
 t = torch.full((len(latents),), 300)
 noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
 maps = record_cross_attention(unet, q_sample(latents, t, noise, module.alphas_cumprod), t, context)

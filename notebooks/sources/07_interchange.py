@@ -79,5 +79,5 @@ shutil.rmtree(folder.parent)
 #   writes one original-layout `.safetensors` file instead.
 # - ldm's U-Net, VAE, schedules and DDIM sampler compute what diffusers' do; the conversion is of key
 #   names and configs, not of behaviour.
-# - The way back exists too: `model.pretrained.path=<diffusers folder or SD file>` starts an ldm run from
+# - The way back exists too: `model.mode.pretrained.path=<diffusers folder or SD file>` starts an ldm run from
 #   released weights.

@@ -10,7 +10,7 @@ import torch
 
 from ldm.data.buckets import bucket_grid, cover_scale, nearest_bucket, resolve_buckets
 from ldm.data.datamodule import LatentShardDataModule, ShardDataModule
-from ldm.training.diffusion_module import check_resolution
+from ldm.training.module_checks import check_resolution
 
 BUCKETS = [[32, 32], [32, 64], [64, 32]]
 

@@ -56,14 +56,14 @@ def test_dreambooth_run_draws_class_images_once_and_reuses_them(tmp_path):
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["model.vae_weights=null", "model.latent_scale_factor=0.7"])
+        cfg = compose("train", overrides=["model.latents.vae_weights=null", "model.latents.scale_factor=0.7"])
     torch.manual_seed(0)
     export_module(instantiate_module(cfg.model), tmp_path / "base", format="diffusers")
     env = dict(os.environ, LDM_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
 
     def run(name: str) -> subprocess.CompletedProcess:
         return subprocess.run([
-            sys.executable, "train.py", "experiment=demo_dreambooth", f"model.pretrained.path={tmp_path / 'base'}",
+            sys.executable, "train.py", "experiment=demo_dreambooth", f"model.mode.pretrained.path={tmp_path / 'base'}",
             "logger=none", "callbacks=default", "trainer.max_steps=2", "trainer.val_check_interval=2",
             "data.batch_size=4", "data.class_batch_size=4", "data.num_class_images=6", "data.num_workers=0",
             "data.class_num_inference_steps=2", f"hydra.run.dir={tmp_path / name}",
@@ -79,4 +79,4 @@ def test_dreambooth_run_draws_class_images_once_and_reuses_them(tmp_path):
     assert (class_dir / MARKER_NAME).stat().st_mtime_ns == written  # the cache was reused, not redrawn
     checkpoint = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["state_dict"] and all(".lora_" in key for key in checkpoint["state_dict"]
-                                            if key.startswith("unet."))
+                                            if key.startswith("network."))

@@ -22,7 +22,8 @@ def fake_trainer(vae_seed: int = 3, lora=None) -> SimpleNamespace:
     torch.manual_seed(vae_seed)
     vae, _, _ = tool.build(str(ROOT / "configs/model/vae/tiny.yaml"))
     text_encoder, _, _ = tool.build(str(ROOT / "configs/model/text_encoder/tiny.yaml"))
-    module = SimpleNamespace(vae=vae.eval(), text_encoder=text_encoder.eval(), device=torch.device("cpu"), lora=lora)
+    module = SimpleNamespace(vae=vae.eval(), text_encoder=text_encoder.eval(), device=torch.device("cpu"),
+                             mode=SimpleNamespace(lora=lora))
     return SimpleNamespace(lightning_module=module, is_global_zero=True,
                            strategy=SimpleNamespace(barrier=lambda name=None: None))
 
@@ -67,7 +68,7 @@ def test_another_vae_gets_its_own_cache_folder(tmp_path):
 
 
 def test_a_run_that_trains_the_text_tower_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="model.lora.text_encoder=true"):
+    with pytest.raises(ValueError, match="model.mode.text_encoder=true"):
         data_module(tmp_path, fake_trainer(lora=SimpleNamespace(text_encoder=True)))
 
 

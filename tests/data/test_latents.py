@@ -141,7 +141,7 @@ def test_latent_batches_have_the_documented_fields(latent_dir):
 def tiny_diffusion():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5"])
     torch.manual_seed(0)
     return instantiate_module(cfg.model)
 
@@ -159,10 +159,10 @@ def test_latent_batches_train_without_any_vae_encode(latent_dir, monkeypatch):
     torch.manual_seed(1)
     drawn = (batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_mean"])) * 0.5
     torch.testing.assert_close(latents, drawn)  # mean + std * eps, times latent_scale_factor
-    assert torch.equal(module.batch_context(batch), batch["text_states"])
-    loss = module.diffusion_loss(latents, module.batch_context(batch))
+    assert torch.equal(module.batch_conditioning(batch).tokens, batch["text_states"])
+    loss = module.diffusion_loss(latents, module.batch_conditioning(batch))
     loss.backward()
-    assert torch.isfinite(loss) and any(p.grad is not None for p in module.unet.parameters())
+    assert torch.isfinite(loss) and any(p.grad is not None for p in module.network.parameters())
 
 
 def test_dropped_captions_get_the_empty_caption_states():
@@ -189,7 +189,7 @@ def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
             "experiment=demo", "data=latents", f"data.train_shards='{latent_dir}/train-{{000000..000002}}.tar'",
             "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8", "callbacks=default",
             "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0", "logger=none",
-            "model.vae_weights=null", "model.latent_scale_factor=0.5", "trainer.max_steps=4",
+            "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "trainer.max_steps=4",
             "trainer.limit_val_batches=0", "trainer.max_time=null", "trainer.enable_progress_bar=false",
             "ckpt_path=null",
         ])
@@ -200,7 +200,7 @@ def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
         del cfg.hydra
     metrics = train_entry().train(cfg)
     assert metrics["perf/latents_per_s"] > 0 and metrics["perf/images_per_s"] == metrics["perf/latents_per_s"]
-    assert metrics["perf/unet_tflops"] > 0
+    assert metrics["perf/network_tflops"] > 0
 
 
 def test_several_towers_precompute_their_concatenated_states_and_the_pooled_embedding(image_shards, vae_weights,
@@ -221,13 +221,13 @@ def test_several_towers_precompute_their_concatenated_states_and_the_pooled_embe
     assert batch["text_pooled"].shape == (4, 32)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
-                                          "model/unet=tiny_xl", "model/text_encoder=tiny_xl"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
+                                          "model/network=tiny_xl", "model/text_encoder=tiny_xl"])
     module = instantiate_module(cfg.model).eval()
     batch.setdefault("target_size", torch.tensor([[32, 32]] * 4))  # bucketed data modules give it
-    context, vector = module.batch_conditioning(batch)
-    encoded_context, encoded_vector = module.batch_conditioning({k: v for k, v in batch.items()
-                                                                 if k not in ("text_states", "text_pooled")})
+    cond = module.batch_conditioning(batch)
+    encoded = module.batch_conditioning({k: v for k, v in batch.items() if k not in ("text_states", "text_pooled")})
+    context, vector, encoded_context, encoded_vector = cond.tokens, cond.vector, encoded.tokens, encoded.vector
     torch.testing.assert_close(context, encoded_context, atol=2e-3, rtol=1e-2)  # stored as float16
     torch.testing.assert_close(vector, encoded_vector, atol=2e-3, rtol=1e-2)
 

@@ -110,15 +110,16 @@ def test_flow_and_edm_levels_follow_their_distributions():
 
 
 def test_misconfiguration_names_the_key():
+    """(Discrete-diffusion settings given to flow or EDM are keys those objectives lack: train.py's start-up check
+    names them, tests/training/test_objective_wiring.py.)"""
     with pytest.raises(ValueError, match="model.noise_schedule.zero_terminal_snr"):
-        check_objective_configuration(EDM(), zero_terminal_snr=True, prediction_type="epsilon",
-                                      loss_weighting="uniform")
-    with pytest.raises(ValueError, match="model.prediction_type=v_prediction"):
-        check_objective_configuration(FlowMatching(), False, "v_prediction", "uniform")
-    with pytest.raises(ValueError, match="model.loss_weighting=min_snr"):
-        check_objective_configuration(FlowMatching(), False, "epsilon", "min_snr")
+        check_objective_configuration(EDM(), zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="model.objective.loss_weighting='minsnr'"):
+        DiscreteDiffusion(loss_weighting="minsnr")
+    with pytest.raises(ValueError, match="model.objective.snr_gamma=0"):
+        DiscreteDiffusion(loss_weighting="min_snr", snr_gamma=0)
     with pytest.raises(ValueError, match="model.objective.timestep_sampling='beta'"):
         FlowMatching(timestep_sampling="beta")
     with pytest.raises(ValueError, match="model.loss.loss_type='l1'"):
         LossOptions(loss_type="l1")
-    check_objective_configuration(DiscreteDiffusion("v_prediction"), True, "v_prediction", "min_snr")
+    check_objective_configuration(DiscreteDiffusion("v_prediction", "min_snr"), True)

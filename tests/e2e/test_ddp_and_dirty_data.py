@@ -166,7 +166,7 @@ def test_train_py_with_data_latents_trains_from_precomputed_latents(tmp_path, od
                                  "--text-encoder", str(ROOT / "configs/model/text_encoder/tiny.yaml")])
     latents = tmp_path / "latents"
     result = run_train(tmp_path, [
-        "experiment=demo", "data=latents", f"model.vae_weights={weights}", "callbacks=default", "logger=csv",
+        "experiment=demo", "data=latents", f"model.latents.vae_weights={weights}", "callbacks=default", "logger=csv",
         f"data.train_shards='{latents}/train-{{000000..000002}}.tar'",
         f"data.val_shards='{latents}/val-{{000000..000002}}.tar'", "data.use_text_states=true",
         "data.resolution=32", "data.batch_size=8", "data.val_batch_size=8", "data.num_workers=1",

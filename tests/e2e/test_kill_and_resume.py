@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Two loader workers whose epochs (47 samples per rank, batch 8) hold 3 and 2 batches: the resume
 # point (step 8) lies inside the second epoch, after an uneven round-robin over the workers.
 RUN = [
-    "experiment=demo", "model.vae_weights=null", "callbacks=default", "logger=csv",
+    "experiment=demo", "model.latents.vae_weights=null", "callbacks=default", "logger=csv",
     "trainer.max_steps=20", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
     "trainer.deterministic=true", "trainer.enable_progress_bar=false",
     "model.lr_schedule.warmup_steps=5", "callbacks.throughput.window=5",
@@ -41,10 +41,10 @@ def lora_run(root: Path) -> tuple[str, ...]:
     if not base.exists():
         register_resolvers()
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("train", overrides=["model.vae_weights=null", "model.latent_scale_factor=0.7"])
+            cfg = compose("train", overrides=["model.latents.vae_weights=null", "model.latents.scale_factor=0.7"])
         torch.manual_seed(0)
         export_module(instantiate_module(cfg.model), base, format="diffusers")
-    return (f"+model.pretrained.path={base}", "+model.lora.rank=4", "+model.lora.dropout=0.1")
+    return ("model/mode=lora", f"+model.mode.pretrained.path={base}", "model.mode.rank=4", "model.mode.dropout=0.1")
 
 
 def bucketed_run(root: Path, writer) -> tuple[str, ...]:
@@ -99,10 +99,10 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant, aspect_sha
     expected, got = final_state(uninterrupted), final_state(killed)
     assert got["global_step"] == expected["global_step"] == 20
     assert got["ShardDataModule"]["train_batches_consumed"] == expected["ShardDataModule"]["train_batches_consumed"]
-    trained = [key for key in expected["state_dict"] if key.startswith(("unet.", "ema_unet."))]
+    trained = [key for key in expected["state_dict"] if key.startswith(("network.", "ema_network."))]
     assert trained
     if variant == "lora":  # the checkpoint is the adapters alone
-        assert all(".lora_" in key for key in trained if key != "ema_unet.n_averaged")
+        assert all(".lora_" in key for key in trained if key != "ema_network.n_averaged")
     for key in trained:
         torch.testing.assert_close(got["state_dict"][key], expected["state_dict"][key], rtol=0, atol=0, msg=key)
     moments = expected["optimizer_states"][0]["state"]

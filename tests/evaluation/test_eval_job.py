@@ -23,7 +23,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as train.py writes it (state dict + model config) of an untrained tiny model."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
@@ -89,7 +89,7 @@ def write_snapshots(checkpoint: Path, folder: Path) -> None:
     from ema_pytorch.post_hoc_ema import sigma_rel_to_gamma
 
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    unet = {k[len("ema_unet.module."):]: v for k, v in state.items() if k.startswith("ema_unet.module.")}
+    unet = {k[len("ema_network.module."):]: v for k, v in state.items() if k.startswith("ema_network.module.")}
     folder.mkdir(parents=True)
     (folder / "posthoc_ema.json").write_text(json.dumps({"gammas": [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.1)]}))
     generator = torch.Generator().manual_seed(0)
@@ -133,7 +133,7 @@ def test_posthoc_ema_tool_writes_a_model_that_loads_with_the_synthesized_unet(ti
                 "--out", str(tmp_path / "model")])
     loaded = TextToImagePipeline.from_pretrained(out)
     expected = synthesize_state(tmp_path / "snapshots", 0.08)
-    for key, value in loaded.unet.state_dict().items():
+    for key, value in loaded.network.state_dict().items():
         if key in expected:
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 

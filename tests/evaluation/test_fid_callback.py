@@ -21,8 +21,8 @@ def test_fid_callback_logs_fid_and_adherence_at_each_validation(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
-            "experiment=demo", "callbacks=diffusion_fid", "logger=csv", "model.vae_weights=null",
-            "model.latent_scale_factor=0.5", "trainer.max_steps=4", "trainer.val_check_interval=2",
+            "experiment=demo", "callbacks=diffusion_fid", "logger=csv", "model.latents.vae_weights=null",
+            "model.latents.scale_factor=0.5", "trainer.max_steps=4", "trainer.val_check_interval=2",
             "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "data.batch_size=8",
             "data.val_batch_size=8", "data.num_workers=0", "data.synthetic.num_train=128", "data.synthetic.num_val=16",
             "data.synthetic.samples_per_shard=64", "callbacks.sample_grid.num_inference_steps=2",

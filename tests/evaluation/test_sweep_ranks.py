@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_RUN = [
     "hparams_search=demo_optuna", "trainer=ddp", "hydra.sweeper.n_trials=2", "trainer.max_steps=2",
     "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-    "model.vae_weights=null", "model.latent_scale_factor=0.5", "logger=csv",
+    "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "logger=csv",
     "data.batch_size=8", "data.val_batch_size=8", "data.synthetic.num_train=256", "data.synthetic.num_val=16",
     "data.synthetic.samples_per_shard=64", "callbacks.sample_grid.num_inference_steps=2",
     "callbacks.sample_grid.prompts=[a red circle on a white background]",

@@ -21,7 +21,7 @@ def build_module(*overrides: str):
     """The demo's tiny LatentDiffusion, built from the configs (random VAE, scale factor 0.7)."""
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["model.vae_weights=null", "model.latent_scale_factor=0.7", *overrides])
+        cfg = compose("train", overrides=["model.latents.vae_weights=null", "model.latents.scale_factor=0.7", *overrides])
     return instantiate_module(cfg.model).eval()
 
 
@@ -31,10 +31,10 @@ def tiny_module(*overrides: str, seed: int = 0):
     module = build_module(*overrides)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in [*module.unet.parameters(), *module.vae.parameters()]:
+        for parameter in [*module.network.parameters(), *module.vae.parameters()]:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        module.ema_unet.update_parameters(module.unet)
-        for parameter in module.unet.parameters():
+        module.ema_network.update_parameters(module.network)
+        for parameter in module.network.parameters():
             parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
     return module
 

@@ -36,7 +36,7 @@ def test_exported_folder_reads_back_into_ldm_unchanged(tmp_path):
     module = tiny_module("model/text_encoder=tiny", "model.text_encoder.layer=penultimate")
     export_module(module, tmp_path / "sd", format="diffusers", use_ema=True)
     parts = read_diffusers_folder(tmp_path / "sd")
-    assert_same_tensors(parts["unet"], module.ema_unet.module.state_dict())
+    assert_same_tensors(parts["unet"], module.ema_network.module.state_dict())
     assert_same_tensors(parts["vae"], module.vae.state_dict())
     tower = used_text_keys(module.text_encoder.tower.state_dict())
     last_block = "transformer.resblocks.1."  # penultimate: diffusers' text encoder stops before the last block
@@ -66,9 +66,9 @@ def test_a_diffusers_folder_starts_a_finetune_also_after_diffusers_saves_it_agai
     export_module(module, tmp_path / "ours", format="diffusers", use_ema=False)
     diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "resaved")
     for folder in ("ours", "resaved"):
-        loaded = build_module("model.text_encoder.layer=penultimate", "model.latent_scale_factor=null",
-                              f"+model.pretrained.path={tmp_path / folder}")
-        assert_same_tensors(loaded.unet.state_dict(), module.unet.state_dict())
+        loaded = build_module("model.text_encoder.layer=penultimate", "model.latents.scale_factor=null",
+                              f"+model.mode.pretrained.path={tmp_path / folder}")
+        assert_same_tensors(loaded.network.state_dict(), module.network.state_dict())
         assert_same_tensors(loaded.vae.state_dict(), module.vae.state_dict())
         assert float(loaded.latent_scale_factor) == pytest.approx(0.7)  # from the VAE's scaling_factor
         tower, expected = loaded.text_encoder.tower.state_dict(), module.text_encoder.tower.state_dict()

@@ -37,9 +37,9 @@ def compose_recipe(name: str, *overrides: str):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_composes_the_published_model_and_a_cluster_setup(name):
-    cfg = compose_recipe(name, "model.pretrained.path=/ckpt/model.safetensors", "data.train_shards='/d/{0..9}.tar'")
+    cfg = compose_recipe(name, "model.mode.pretrained.path=/ckpt/model.safetensors", "data.train_shards='/d/{0..9}.tar'")
     expected = RECIPES[name]
-    unet = cfg.model.unet
+    unet = cfg.model.network
     for key in ("context_dim", "num_heads", "num_head_channels", "use_linear_in_transformer", "upcast_attention"):
         if key in expected:
             assert unet[key] == expected[key], key
@@ -47,9 +47,9 @@ def test_recipe_composes_the_published_model_and_a_cluster_setup(name):
         320, [1, 2, 4, 4], True, True)
     text = cfg.model.text_encoder
     assert (text.model_name, text.layer, text.get("pad_token_id", 0), text.pretrained) == (*expected["text"], None)
-    assert cfg.model.vae.ch == 128 and cfg.model.latent_scale_factor == pytest.approx(0.18215)
+    assert cfg.model.vae.ch == 128 and cfg.model.latents.scale_factor == pytest.approx(0.18215)
     assert cfg.model.noise_schedule.schedule == "scaled_linear"
-    assert cfg.model.prediction_type == expected.get("prediction_type", "epsilon")
+    assert cfg.model.objective.prediction_type == expected.get("prediction_type", "epsilon")
     assert (cfg.trainer.accelerator, cfg.trainer.strategy, cfg.trainer.precision) == ("gpu", "ddp", "bf16-mixed")
     assert cfg.model.optimizer.lr == pytest.approx(1e-5) and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.data.resolution == cfg.model.vae.resolution == expected.get("resolution", 512)
@@ -59,9 +59,9 @@ def test_recipe_composes_the_published_model_and_a_cluster_setup(name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_demands_a_checkpoint_and_shards(name):
     cfg = compose_recipe(name)
-    missing = [key for key in ("model.pretrained.path", "data.train_shards") if OmegaConf.is_missing(
+    missing = [key for key in ("model.mode.pretrained.path", "data.train_shards") if OmegaConf.is_missing(
         OmegaConf.select(cfg, key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1])]
-    assert missing == ["model.pretrained.path", "data.train_shards"]
+    assert missing == ["model.mode.pretrained.path", "data.train_shards"]
 
 
 def test_tiny_finetune_starts_from_the_checkpoint_and_keeps_frozen_parts_out_of_its_checkpoints(tmp_path):
@@ -69,9 +69,9 @@ def test_tiny_finetune_starts_from_the_checkpoint_and_keeps_frozen_parts_out_of_
     weights = export_module(source, tmp_path / "base.safetensors", format="sd", use_ema=True)
     env = dict(os.environ, LDM_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     result = subprocess.run([
-        sys.executable, "train.py", "experiment=sd21_base_finetune", f"model.pretrained.path={weights}",
-        "model/unet=tiny", "model/vae=tiny", "model/text_encoder=tiny", "model.text_encoder.layer=penultimate",
-        "model.unet.channels_last=true", "model.unet.use_checkpoint=true", "model.latent_scale_factor=0.7",
+        sys.executable, "train.py", "experiment=sd21_base_finetune", f"model.mode.pretrained.path={weights}",
+        "model/network=tiny", "model/vae=tiny", "model/text_encoder=tiny", "model.text_encoder.layer=penultimate",
+        "model.network.channels_last=true", "model.network.use_checkpoint=true", "model.latents.scale_factor=0.7",
         "data=synthetic", "data.resolution=32", "data.batch_size=8", "data.num_workers=0",
         "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.max_steps=2",
@@ -85,8 +85,8 @@ def test_tiny_finetune_starts_from_the_checkpoint_and_keeps_frozen_parts_out_of_
     assert_same_tensors(module.vae.state_dict(), source.vae.state_dict())
     assert_same_tensors(used_text_keys(module.text_encoder.tower.state_dict()),
                         used_text_keys(source.text_encoder.tower.state_dict()))
-    start = source.ema_unet.module.state_dict()
-    change = max(float((module.unet.state_dict()[k] - v).abs().max()) for k, v in start.items())
+    start = source.ema_network.module.state_dict()
+    change = max(float((module.network.state_dict()[k] - v).abs().max()) for k, v in start.items())
     # two AdamW steps at lr 1e-5 move each weight by ~2e-5: trained, and from the checkpoint's weights
     assert 0 < change < 1e-4
     assert read_state_dict(weights)  # the base file is untouched and still readable
@@ -95,17 +95,17 @@ def test_tiny_finetune_starts_from_the_checkpoint_and_keeps_frozen_parts_out_of_
 def test_sdxl_recipe_composes_sdxl_parts_that_fit_together_and_a_cluster_setup():
     from hydra.utils import instantiate
 
-    from ldm.training.diffusion_module import check_model_compatibility
+    from ldm.training.module_checks import check_model_compatibility
 
-    cfg = compose_recipe("sdxl_finetune", "model.pretrained.path=/ckpt/sd_xl_base_1.0.safetensors",
+    cfg = compose_recipe("sdxl_finetune", "model.mode.pretrained.path=/ckpt/sd_xl_base_1.0.safetensors",
                          "data.train_shards='/d/{0..9}.tar'")
     model = cfg.model
-    assert (model.unet.context_dim, model.unet.adm_in_channels, list(model.unet.transformer_depth)) == (
+    assert (model.network.context_dim, model.network.adm_in_channels, list(model.network.transformer_depth)) == (
         2048, 2816, [1, 2, 10])
     assert [tower.pretrained for tower in model.text_encoder.text_encoders] == [None, None]
-    assert model.latent_scale_factor == pytest.approx(0.13025) and model.vae.resolution == cfg.data.resolution == 1024
+    assert model.latents.scale_factor == pytest.approx(0.13025) and model.vae.resolution == cfg.data.resolution == 1024
     assert dict(cfg.data.buckets) == {"pixel_budget": 1024 * 1024, "side_step": 64, "max_aspect_ratio": 4.0}
     assert (cfg.trainer.strategy, cfg.trainer.precision, cfg.trainer.accumulate_grad_batches) == ("ddp", "bf16-mixed", 4)
     assert model.optimizer.lr == pytest.approx(1e-6) and cfg.data.caption_dropout_prob == pytest.approx(0.2)
     with torch.device("meta"):  # the composed parts fit: context 2048, vector 2816
-        check_model_compatibility(instantiate(model.unet), instantiate(model.vae), instantiate(model.text_encoder))
+        check_model_compatibility(instantiate(model.network), instantiate(model.vae), instantiate(model.text_encoder))

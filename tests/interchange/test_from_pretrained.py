@@ -49,7 +49,7 @@ def test_checkpoint_model_folder_and_sd_file_generate_what_the_training_module_g
         images = TextToImagePipeline.from_pretrained(source)(PROMPTS, **SETTINGS)
         # the folder's weights pass through diffusers' layout: the same tensors, so the same images
         torch.testing.assert_close(images, expected, atol=1e-6, rtol=0, msg=str(source))
-    assert from_checkpoint.resolution == 32 and from_checkpoint.model_config["unet"]["context_dim"] == 64
+    assert from_checkpoint.resolution == 32 and from_checkpoint.model_config["network"]["context_dim"] == 64
 
 
 def test_from_pretrained_imports_neither_lightning_nor_hydra(trained_run):
@@ -73,7 +73,7 @@ def test_a_released_sd_files_architecture_is_read_from_its_shapes(preset):
     """The published U-Net and VAE presets, built on the meta device, are recovered from their tensors alone."""
     import yaml
 
-    unet_config = yaml.safe_load((ROOT / f"configs/model/unet/{preset}.yaml").read_text())
+    unet_config = yaml.safe_load((ROOT / f"configs/model/network/{preset}.yaml").read_text())
     vae_config = yaml.safe_load((ROOT / "configs/model/vae/sd.yaml").read_text())
     with torch.device("meta"):
         unet_state = UNetModel(**{k: v for k, v in unet_config.items() if k != "_target_"}).state_dict()
@@ -96,7 +96,7 @@ def test_a_released_sd_file_without_ldm_metadata_loads(trained_run, tmp_path):
     path = export_pipeline(pipeline, tmp_path / "with_metadata.safetensors", format="sd")
     bare = save_weights(read_state_dict(path), tmp_path / "bare.safetensors")
     config = pipeline.model_config
-    overrides = {"unet": {key: config["unet"][key] for key in ("num_heads", "num_head_channels", "norm_num_groups")},
+    overrides = {"network": {key: config["network"][key] for key in ("num_heads", "num_head_channels", "norm_num_groups")},
                  "vae": {"norm_num_groups": config["vae"]["norm_num_groups"], "resolution": 32},
                  "text_encoder": {key: config["text_encoder"][key]
                                   for key in ("text_cfg", "quick_gelu", "pad_token_id")},

@@ -12,7 +12,7 @@ from ldm.interchange.lora_files import LoraNames, LoraWeights, read_lora_file, w
 from ldm.pipeline import TextToImagePipeline
 from ldm.tools.export import export_module, main as export_main
 from ldm.training.lora import LoraError, trainable_fraction, without_adapters
-from ldm.training.lora_module import check_lora_checkpoint, module_adapters
+from ldm.training.lora_training import check_lora_checkpoint, module_adapters
 
 from .conftest import build_module, tiny_module
 
@@ -30,38 +30,38 @@ def base_folder(tmp_path_factory):
 def lora_module(base_folder, *overrides: str, seed: int = 1):
     """A LoRA module on ``base_folder`` with adapters made non-zero (a fresh LoRA's up matrices are zero,
     which would hide a wrong mapping or scale)."""
-    module = build_module(f"+model.pretrained.path={base_folder}", "+model.lora.rank=4", "+model.lora.alpha=2",
-                          *overrides)
+    module = build_module("model/mode=lora", f"+model.mode.pretrained.path={base_folder}", "model.mode.rank=4",
+                          "model.mode.alpha=2", *overrides)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in module.named_parameters():
-            if ".lora_" in name and not name.startswith("ema_unet"):
+            if ".lora_" in name and not name.startswith("ema_network"):
                 parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-        module.ema_unet.update_parameters(module.unet)  # the first update copies: EMA = raw adapters
+        module.ema_network.update_parameters(module.network)  # the first update copies: EMA = raw adapters
     return module
 
 
 def test_only_adapters_train_and_checkpoints_hold_no_base_weights(base_folder):
-    module = lora_module(base_folder, "+model.lora.text_encoder=true")
+    module = lora_module(base_folder, "model.mode.text_encoder=true")
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in name for name in trainable)
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for name, p in module.named_parameters() if name in trainable}
     assert any(name.startswith("text_encoder.") for name in trainable)
-    fraction = trainable_fraction([module.unet, module.text_encoder])["trainable_fraction"]
+    fraction = trainable_fraction([module.network, module.text_encoder])["trainable_fraction"]
     assert 0 < fraction < 0.05
 
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     saved = checkpoint["state_dict"]
-    assert {key for key in saved if ".lora_" not in key} == {"latent_scale_factor", "ema_unet.n_averaged"}
-    assert all(key.startswith(("unet.", "ema_unet.module.", "text_encoder.tower.")) for key in saved if ".lora_" in key)
+    assert {key for key in saved if ".lora_" not in key} == {"latent_scale_factor", "ema_network.n_averaged"}
+    assert all(key.startswith(("network.", "ema_network.module.", "text_encoder.tower.")) for key in saved if ".lora_" in key)
     # the EMA copy shares the frozen base tensors instead of holding a second copy
     base_q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.base_layer.weight"
-    assert module.ema_unet.module.get_parameter(base_q) is module.unet.get_parameter(base_q)
+    assert module.ema_network.module.get_parameter(base_q) is module.network.get_parameter(base_q)
 
-    restored = lora_module(base_folder, "+model.lora.text_encoder=true", seed=2)
+    restored = lora_module(base_folder, "model.mode.text_encoder=true", seed=2)
     restored.on_load_checkpoint(checkpoint)
     restored.load_state_dict(checkpoint["state_dict"])
     for key, value in module.state_dict().items():
@@ -70,20 +70,20 @@ def test_only_adapters_train_and_checkpoints_hold_no_base_weights(base_folder):
 
 def test_merged_model_computes_what_the_peft_model_computes(base_folder):
     """without_adapters (plain layers, W + alpha/r * up @ down) against peft's own forward with adapters."""
-    module = lora_module(base_folder, "+model.lora.conv=true", "+model.lora.text_encoder=true")
+    module = lora_module(base_folder, "model.mode.conv=true", "model.mode.text_encoder=true")
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 600])
     context = module.text_encoder(PROMPTS)
     plain_text = without_adapters(module.text_encoder)
     torch.testing.assert_close(plain_text(PROMPTS), context, rtol=0, atol=1e-5)
-    plain = without_adapters(module.unet)
+    plain = without_adapters(module.network)
     assert not any(".lora_" in key or "base_layer" in key for key in plain.state_dict())
-    torch.testing.assert_close(plain(x, t, context), module.unet(x, t, context), rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain(x, t, context), module.network(x, t, context), rtol=0, atol=1e-5)
 
 
 def test_kohya_file_written_by_ldm_loads_back_with_every_key_placed(base_folder, tmp_path):
-    module = lora_module(base_folder, "+model.lora.conv=true", "+model.lora.text_encoder=true")
+    module = lora_module(base_folder, "model.mode.conv=true", "model.mode.text_encoder=true")
     adapters = module_adapters(module, use_ema=False)
-    names = LoraNames(module.unet, module.text_encoder)
+    names = LoraNames(module.network, module.text_encoder)
     path = write_lora_file(tmp_path / "kohya.safetensors", adapters, names, layout="kohya")
     written = read_state_dict(path)
     assert all(key.startswith(("lora_unet_", "lora_te_")) for key in written)
@@ -115,9 +115,9 @@ def test_kohya_file_from_known_weights_loads_into_ldm(base_folder, tmp_path):
     layers = {"middle_block.1.transformer_blocks.0.attn2.to_q": (down_q, up_q, 1.0),
               "output_blocks.0.1.transformer_blocks.0.ff.net.0.proj": (down_ff, up_ff, 8.0)}
     for layer, (down, up, alpha) in layers.items():
-        expected = base.unet.get_submodule(layer).weight + 0.5 * alpha / 2 * up.half().float() @ down.half().float()
-        torch.testing.assert_close(tuned.unet.get_submodule(layer).weight, expected, rtol=0, atol=1e-5)
-    changed = [key for key, value in tuned.unet.state_dict().items() if not torch.equal(value, base.unet.state_dict()[key])]
+        expected = base.network.get_submodule(layer).weight + 0.5 * alpha / 2 * up.half().float() @ down.half().float()
+        torch.testing.assert_close(tuned.network.get_submodule(layer).weight, expected, rtol=0, atol=1e-5)
+    changed = [key for key, value in tuned.network.state_dict().items() if not torch.equal(value, base.network.state_dict()[key])]
     assert sorted(changed) == sorted(f"{layer}.weight" for layer in layers)
 
 
@@ -125,7 +125,7 @@ def test_diffusers_pipeline_with_load_lora_weights_generates_ldm_lora_images(bas
     diffusers = pytest.importorskip("diffusers")
     module = lora_module(base_folder)
     path = write_lora_file(tmp_path / "pytorch_lora_weights.safetensors", module_adapters(module, use_ema=True),
-                           LoraNames(module.unet, module.text_encoder), layout="diffusers")
+                           LoraNames(module.network, module.text_encoder), layout="diffusers")
     ours_pipeline = TextToImagePipeline.from_pretrained(base_folder, lora=path)
     ours = ours_pipeline(PROMPTS, height=32, width=32, num_inference_steps=10, guidance_scale=2.0, sampler="ddim",
                          seed=[5, 9], steps_offset=1)
@@ -142,9 +142,9 @@ def test_diffusers_pipeline_with_load_lora_weights_generates_ldm_lora_images(bas
 
 
 def test_merge_lora_export_equals_base_plus_scaled_update_for_every_layer(base_folder, tmp_path):
-    module = lora_module(base_folder, "+model.lora.conv=true")
+    module = lora_module(base_folder, "model.mode.conv=true")
     adapters = module_adapters(module, use_ema=False)
-    path = write_lora_file(tmp_path / "lora.safetensors", adapters, LoraNames(module.unet, module.text_encoder),
+    path = write_lora_file(tmp_path / "lora.safetensors", adapters, LoraNames(module.network, module.text_encoder),
                            layout="kohya")
     out = export_main(["--model", str(base_folder), "--lora", str(path), "--lora-scale", "0.7", "--merge-lora",
                        "--format", "diffusers", "--out", str(tmp_path / "merged")])
@@ -185,11 +185,12 @@ def test_rank_mismatch_on_resume_and_unmatched_targets_are_named(base_folder):
     trained = lora_module(base_folder)
     checkpoint = {"state_dict": trained.state_dict()}
     trained.on_save_checkpoint(checkpoint)
-    other_rank = build_module(f"+model.pretrained.path={base_folder}", "+model.lora.rank=8")
-    with pytest.raises(LoraError, match=r"model.lora.rank=8 .* rank 4.*set model.lora.rank=4"):
-        check_lora_checkpoint(checkpoint, other_rank.state_dict(), other_rank.lora)
+    other_rank = build_module("model/mode=lora", f"+model.mode.pretrained.path={base_folder}", "model.mode.rank=8")
+    with pytest.raises(LoraError, match=r"model.mode.rank=8 .* rank 4.*set model.mode.rank=4"):
+        check_lora_checkpoint(checkpoint, other_rank.state_dict(), other_rank.mode.lora)
     # (Hydra wraps the constructor's LoraError in its InstantiationException, keeping the message)
     with pytest.raises(Exception, match="to_qkv, attn9.to_q match no linear or convolution layer"):
-        build_module(f"+model.pretrained.path={base_folder}", "+model.lora.target_modules=[to_q,to_qkv,attn9.to_q]")
-    with pytest.raises(Exception, match="LoraError.*model.pretrained.path"):
-        build_module("+model.lora.rank=4")
+        build_module("model/mode=lora", f"+model.mode.pretrained.path={base_folder}",
+                     "model.mode.target_modules=[to_q,to_qkv,attn9.to_q]")
+    with pytest.raises(Exception, match="LoraError.*model.mode.pretrained.path"):
+        build_module("model/mode=lora", "model.mode.rank=4")

@@ -26,17 +26,17 @@ def test_tiny_model_as_an_original_single_file_loads_into_ldm_and_back_out_uncha
     assert any(key.startswith(LAYOUTS[layer]) for key in state)
 
     plain = _loaded(layer, path, use_ema=False)
-    assert_same_tensors(plain.unet.state_dict(), source.unet.state_dict())
+    assert_same_tensors(plain.network.state_dict(), source.network.state_dict())
     assert_same_tensors(plain.vae.state_dict(), source.vae.state_dict())
     assert_same_tensors(used_text_keys(plain.text_encoder.tower.state_dict()),
                         used_text_keys(source.text_encoder.tower.state_dict()))
     ema = _loaded(layer, path, use_ema=True)
-    assert_same_tensors(ema.unet.state_dict(), source.ema_unet.module.state_dict())
-    assert_same_tensors(ema.ema_unet.module.state_dict(), source.ema_unet.module.state_dict())  # EMA starts there
+    assert_same_tensors(ema.network.state_dict(), source.ema_network.module.state_dict())
+    assert_same_tensors(ema.ema_network.module.state_dict(), source.ema_network.module.state_dict())  # EMA starts there
 
     ckpt = tmp_path / "model.ckpt"  # the same tensors as a (weights-only) torch checkpoint
     torch.save({"state_dict": state, "global_step": 1}, ckpt)
-    assert_same_tensors(_loaded(layer, ckpt, use_ema=True).unet.state_dict(), source.ema_unet.module.state_dict())
+    assert_same_tensors(_loaded(layer, ckpt, use_ema=True).network.state_dict(), source.ema_network.module.state_dict())
 
     again = export_module(plain, tmp_path / "again.safetensors", format="sd", use_ema=False)
     without_ema = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
@@ -48,7 +48,7 @@ def test_tiny_model_as_an_original_single_file_loads_into_ldm_and_back_out_uncha
 def _loaded(layer: str, path, use_ema: bool):
     """A fresh tiny module whose U-Net, VAE and text tower come from ``path`` (its own tower seeded apart)."""
     return build_module(f"model.text_encoder.layer={layer}", "model.text_encoder.seed=7",
-                        f"+model.pretrained.path={path}", f"+model.pretrained.use_ema={use_ema}")
+                        f"+model.mode.pretrained.path={path}", f"+model.mode.pretrained.use_ema={use_ema}")
 
 
 def test_mismatched_or_incomplete_files_name_the_keys(tmp_path):
@@ -58,18 +58,18 @@ def test_mismatched_or_incomplete_files_name_the_keys(tmp_path):
     with pytest.raises(InstantiationException, match="use_ema: the checkpoint lacks"):
         _loaded("last", path, use_ema=True)  # an EMA-only (pruned) file has no separate EMA weights
     with pytest.raises(InstantiationException, match=r"CheckpointMismatchError.*misshapen: .*input_blocks.0.0.weight"):
-        build_module(f"+model.pretrained.path={path}", "model.unet.model_channels=16")
+        build_module(f"+model.mode.pretrained.path={path}", "model.network.model_channels=16")
     state = read_state_dict(path)
     text_free = tmp_path / "no_text.safetensors"
     from safetensors.torch import save_file
 
     save_file({k: v for k, v in state.items() if not k.startswith("cond_stage_model.")}, str(text_free))
     with pytest.raises(InstantiationException, match="no text encoder weights"):
-        build_module(f"+model.pretrained.path={text_free}")
-    assert build_module(f"+model.pretrained.path={text_free}", "+model.pretrained.text_encoder=false")
-    with pytest.raises(InstantiationException, match="model.pretrained.ema is not an argument of PretrainedWeights; "
-                                                      "did you mean model.pretrained.use_ema"):
-        build_module(f"+model.pretrained.path={path}", "+model.pretrained.ema=true")
+        build_module(f"+model.mode.pretrained.path={text_free}")
+    assert build_module(f"+model.mode.pretrained.path={text_free}", "+model.mode.pretrained.text_encoder=false")
+    with pytest.raises(InstantiationException, match="model.mode.pretrained.ema is not an argument of PretrainedWeights; "
+                                                      "did you mean model.mode.pretrained.use_ema"):
+        build_module(f"+model.mode.pretrained.path={path}", "+model.mode.pretrained.ema=true")
 
 
 def test_original_checkpoint_splits_into_unet_and_vae_and_takes_ema_weights_when_asked():

@@ -16,7 +16,7 @@ from ldm.tools.export import export_module, export_pipeline
 
 from .conftest import assert_same_tensors, tiny_module
 
-SDXL_OVERRIDES = ("model/unet=tiny_xl", "model/text_encoder=tiny_xl")
+SDXL_OVERRIDES = ("model/network=tiny_xl", "model/text_encoder=tiny_xl")
 PROMPTS = ["a red circle on a white background", "a blue square on a gray background"]
 
 
@@ -43,7 +43,7 @@ def test_original_sdxl_file_has_sdxls_layout_and_round_trips_bit_exactly(module,
 
     loaded = load_model(first, use_ema=False)
     second = export_pipeline(TextToImagePipeline(
-        loaded.unet, loaded.vae, loaded.text_encoder, loaded.noise_schedule.alphas_cumprod, loaded.latent_scale_factor,
+        loaded.network, loaded.vae, loaded.text_encoder, loaded.noise_schedule.alphas_cumprod, loaded.latent_scale_factor,
         model_config=loaded.model_config, ema_state=loaded.ema_state), tmp_path / "again.safetensors", format="sd")
     assert_same_tensors(read_state_dict(second), state)
 
@@ -54,7 +54,7 @@ def test_a_released_style_sdxl_file_loads_from_its_shapes_and_generates_ldms_ima
     save_weights(read_state_dict(exported), bare)  # no ldm metadata: the architecture is read from the shapes
     loaded = load_model(bare)
     config = loaded.model_config
-    assert config["unet"]["transformer_depth"] == [1, 1, 2] and config["unet"]["adm_in_channels"] == 128
+    assert config["network"]["transformer_depth"] == [1, 1, 2] and config["network"]["adm_in_channels"] == 128
     assert config["text_encoder"]["size_embedding_dim"] == 16 and loaded.latent_scale_factor == pytest.approx(0.13025)
     assert [tower["layer"] for tower in config["text_encoder"]["text_encoders"]] == ["penultimate"] * 2
     # head counts and norm groups are what shapes do not tell (SD: 64-channel heads, 32 groups): the tiny
@@ -129,8 +129,8 @@ def test_an_sdxl_file_starts_a_finetune_with_its_unet_vae_and_both_towers(tmp_pa
         for parameter in module.text_encoder.parameters():
             parameter.add_(0.01)
     exported = export_module(module, tmp_path / "xl.safetensors", format="sd", use_ema=False)
-    finetune = build_module(*SDXL_OVERRIDES, f"+model.pretrained.path={exported}", "model.latent_scale_factor=0.13025")
-    assert_same_tensors(finetune.unet.state_dict(), module.unet.state_dict())
+    finetune = build_module(*SDXL_OVERRIDES, f"+model.mode.pretrained.path={exported}", "model.latents.scale_factor=0.13025")
+    assert_same_tensors(finetune.network.state_dict(), module.network.state_dict())
     assert_same_tensors(finetune.vae.state_dict(), module.vae.state_dict())
     towers = list(zip(finetune.text_encoder.text_encoders, module.text_encoder.text_encoders))
     # the pooled tower's projection travels; CLIP-L's is unused and SDXL files do not hold it

@@ -31,7 +31,7 @@ def test_sdxl_text_towers_have_open_clips_sizes_and_fit_the_sdxl_unet():
         expected = sum(p.numel() for name, p in reference.named_parameters() if not name.startswith("visual"))
         assert count(encoder) == expected
     assert [count(encoder) for encoder in conditioner.text_encoders] == [123_650_305, 694_659_841]
-    unet = OmegaConf.load(CONFIGS / "unet/sdxl.yaml")
+    unet = OmegaConf.load(CONFIGS / "network/sdxl.yaml")
     assert (conditioner.output_dim, conditioner.pooled_dim, conditioner.adm_dim) == (2048, 1280, 2816)
     assert (unet.context_dim, unet.adm_in_channels) == (2048, 2816)
 

@@ -1,4 +1,4 @@
-"""The SD 1.x / 2.x presets (configs/model/unet/sd1.yaml, sd2.yaml, configs/model/vae/sd.yaml), built on the meta device, have the published sizes and the original checkpoint keys.
+"""The SD 1.x / 2.x presets (configs/model/network/sd1.yaml, sd2.yaml, configs/model/vae/sd.yaml), built on the meta device, have the published sizes and the original checkpoint keys.
 
 Published parameter counts: SD 1.5 U-Net 859,520,964 (diffusers' ``num_parameters`` docstring for
 runwayml/stable-diffusion-v1-5), SD 2.x U-Net 865,910,724, SD VAE 83,653,863; both U-Nets have 686
@@ -101,7 +101,7 @@ def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize(
     "preset, count, version_keys",
-    [("unet/sd1", 859_520_964, UNET_KEYS_SD1), ("unet/sd2", 865_910_724, UNET_KEYS_SD2)],
+    [("network/sd1", 859_520_964, UNET_KEYS_SD1), ("network/sd2", 865_910_724, UNET_KEYS_SD2)],
     ids=["sd1", "sd2"],
 )
 def test_sd_unet_presets_have_published_size_and_original_keys(preset, count, version_keys):

@@ -41,7 +41,7 @@ def count(module: torch.nn.Module) -> int:
 
 def test_sdxl_preset_has_the_size_and_keys_of_diffusers_sdxl_base_unet():
     with torch.device("meta"):
-        unet = instantiate(OmegaConf.load(CONFIGS / "unet/sdxl.yaml"))
+        unet = instantiate(OmegaConf.load(CONFIGS / "network/sdxl.yaml"))
         reference = diffusers.UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_UNET)
     assert count(reference) == SDXL_BASE_UNET_PARAMETERS
     assert count(unet) == SDXL_BASE_UNET_PARAMETERS
@@ -166,7 +166,7 @@ def test_ldms_sdxl_file_layout_is_what_diffusers_single_file_loader_reads_as_sdx
     for tower in text.text_encoders:
         tower.pretrained = None
     with torch.device("meta"):
-        unet = instantiate(OmegaConf.load(CONFIGS / "unet/sdxl.yaml"))
+        unet = instantiate(OmegaConf.load(CONFIGS / "network/sdxl.yaml"))
         vae = instantiate(OmegaConf.load(CONFIGS / "vae/sdxl.yaml"))
         towers = instantiate(text).text_encoders
         reference = diffusers.UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_UNET)
@@ -179,7 +179,7 @@ def test_ldms_sdxl_file_layout_is_what_diffusers_single_file_loader_reads_as_sdx
 
     parts = split_original_file(checkpoint)
     inferred = unet_config_from_weights(parts["unet"])
-    preset = OmegaConf.load(CONFIGS / "unet/sdxl.yaml")
+    preset = OmegaConf.load(CONFIGS / "network/sdxl.yaml")
     for key in ("model_channels", "channel_mult", "attention_resolutions", "num_head_channels", "context_dim",
                 "transformer_depth", "adm_in_channels", "use_linear_in_transformer", "norm_num_groups"):
         expected = preset[key]

@@ -37,30 +37,30 @@ class IndexedImages(IterableDataset):
 
 def per_sample_noise_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
     latents = self.encode_images(batch["image"])
-    context = self.encode_captions(batch["caption"])
+    context = self.conditioning(batch["caption"])
     generators = [torch.Generator().manual_seed(1000 + int(i)) for i in batch["index"]]
     t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-    prediction = self.unet(q_sample(latents, t, noise, self.alphas_cumprod), t, context)
+    prediction = self.network(q_sample(latents, t, noise, self.alphas_cumprod), t, context)
     return F.mse_loss(prediction, noise)
 
 
 def main(devices: int, batch_per_rank: int, output: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5", "model.lr_schedule=null",
+            "experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "model.lr_schedule=null",
             "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.5", "~model.optimizer.betas",
-            "~model.optimizer.fused", "model.optimizer.weight_decay=0.0", "+model.sample_posterior=false"])
+            "~model.optimizer.fused", "model.optimizer.weight_decay=0.0", "+model.latents.sample_posterior=false"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     module.training_step = types.MethodType(per_sample_noise_step, module)
-    before = {k: v.detach().clone() for k, v in module.unet.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in module.network.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     trainer.fit(module, DataLoader(IndexedImages(), batch_size=batch_per_rank))
     if trainer.is_global_zero:
-        after = {k: v.detach().clone() for k, v in module.unet.state_dict().items()}
+        after = {k: v.detach().clone() for k, v in module.network.state_dict().items()}
         torch.save({"before": before, "after": after}, output)
 
 

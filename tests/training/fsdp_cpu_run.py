@@ -32,7 +32,7 @@ SAMPLE_OPTIONS = dict(num_inference_steps=2, guidance_scale=2.0, seed=0)
 
 def tiny_module():
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
                                           "model.ema_decay=0.5", "~model.optimizer.fused"])
     torch.manual_seed(0)
     return instantiate_module(cfg.model)
@@ -53,7 +53,7 @@ def worker(rank: int, output: str) -> None:
     report = {
         "units": units,
         "managed_frozen": sorted(n for n in managed if n.startswith(("vae.", "text_encoder."))),
-        "optimizer_is_unet": optimized == {id(p) for p in module.unet.parameters()},
+        "optimizer_is_unet": optimized == {id(p) for p in module.network.parameters()},
         "local_numel": {name: sum(p.numel() for p in getattr(module, name).parameters())
                         for name in ("unet", "vae", "text_encoder")},
     }
@@ -64,7 +64,7 @@ def worker(rank: int, output: str) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    module.ema_unet.update_parameters(module.unet)  # element-wise on the local shards
+    module.ema_network.update_parameters(module.network)  # element-wise on the local shards
     report["loss"] = float(loss)
 
     pipeline = whole_pipeline(wrapped, module)  # as the sample-grid and export callbacks call it

@@ -36,8 +36,8 @@ class KeyedImages(IterableDataset):
 
 def main(devices: int, batch_per_rank: int, output: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
-                                                    "model.val_loss_subset=0.6"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
+                                                    "model.validation.subset=0.6"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -17,11 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a red circle on a white background", "a blue square on a black background"]
 
 
-def tiny_module(*overrides: str):
+def tiny_config(*overrides: str):
+    """The demo's composed config, without its VAE file (scale factor 0.5)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null",
-                                          "model.latent_scale_factor=0.5", *overrides])
+        return compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null",
+                                           "model.latents.scale_factor=0.5", *overrides])
+
+
+def tiny_module(*overrides: str):
+    cfg = tiny_config(*overrides)
     torch.manual_seed(0)
     return instantiate_module(cfg.model)
 
@@ -50,11 +56,11 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_only_the_unet_trains_and_frozen_parts_are_unchanged():
     module = tiny_module("model.ema_decay=0.9")
-    vae_before, text_before, unet_before = snapshot(module.vae), snapshot(module.text_encoder), snapshot(module.unet)
+    vae_before, text_before, unet_before = snapshot(module.vae), snapshot(module.text_encoder), snapshot(module.network)
     trainer = train_steps(module, steps=3)
 
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in module.unet.parameters()}
+    assert optimized == {id(p) for p in module.network.parameters()}
     for frozen in (module.vae, module.text_encoder):
         assert not any(p.requires_grad for p in frozen.parameters())
         assert all(p.grad is None for p in frozen.parameters())
@@ -63,10 +69,10 @@ def test_only_the_unet_trains_and_frozen_parts_are_unchanged():
         assert torch.equal(value, vae_before[name]), name
     for name, value in snapshot(module.text_encoder).items():
         assert torch.equal(value, text_before[name]), name
-    changed = [name for name, value in snapshot(module.unet).items() if not torch.equal(value, unet_before[name])]
+    changed = [name for name, value in snapshot(module.network).items() if not torch.equal(value, unet_before[name])]
     assert len(changed) > 0.5 * len(unet_before)
     # The EMA copy moved towards the trained weights but is not them.
-    ema, trained = module.ema_unet.module.state_dict(), module.unet.state_dict()
+    ema, trained = module.ema_network.module.state_dict(), module.network.state_dict()
     assert any(not torch.equal(ema[k], unet_before[k]) for k in ema)
     assert any(not torch.equal(ema[k], trained[k]) for k in ema)
 
@@ -74,8 +80,8 @@ def test_only_the_unet_trains_and_frozen_parts_are_unchanged():
 def test_diffusion_loss_is_deterministic_given_a_generator_and_differs_without():
     module = tiny_module()
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    context = module.encode_captions(CAPTIONS * 2)
-    assert context.shape == (4, 16, 64)
+    context = module.conditioning(CAPTIONS * 2)
+    assert context.tokens.shape == (4, 16, 64)
     first = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
     again = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
     other = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(4))
@@ -86,13 +92,13 @@ def test_diffusion_loss_is_deterministic_given_a_generator_and_differs_without()
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_every_prediction_type_and_weighting_gives_a_finite_loss_with_gradients(prediction_type):
-    module = tiny_module(f"model.prediction_type={prediction_type}", "model.loss_weighting=min_snr",
-                         "model.offset_noise_strength=0.1")
+    module = tiny_module(f"model.objective.prediction_type={prediction_type}", "model.objective.loss_weighting=min_snr",
+                         "model.loss.offset_noise_strength=0.1")
     latents = torch.randn(2, 4, 8, 8)
-    loss = module.diffusion_loss(latents, module.encode_captions(CAPTIONS))
+    loss = module.diffusion_loss(latents, module.conditioning(CAPTIONS))
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in module.unet.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in module.network.parameters() if p.requires_grad)
 
 
 def test_encode_images_gives_scaled_latents_without_gradients():
@@ -101,7 +107,7 @@ def test_encode_images_gives_scaled_latents_without_gradients():
     latents = module.encode_images(images)
     assert latents.shape == (2, 4, 8, 8)
     assert not latents.requires_grad
-    module.sample_posterior = False
+    module.latent_options = dataclasses.replace(module.latent_options, sample_posterior=False)
     assert torch.equal(module.encode_images(images), module.vae.encode(images).mode() * 0.5)
 
 
@@ -114,7 +120,7 @@ def test_fused_adamw_with_bf16_mixed_clips_the_gradient_norm():
     class RecordNormOfTheStep(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             # The gradients the optimizer stepped with: the next batch's closure zeroes them.
-            grads = [p.grad for p in pl_module.unet.parameters() if p.grad is not None]
+            grads = [p.grad for p in pl_module.network.parameters() if p.grad is not None]
             norms_at_step.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
     clip = 1e-3  # far below the unclipped norm of a fresh U-Net's gradient, so clipping must have acted
@@ -130,8 +136,8 @@ def test_channels_last_input_gives_the_same_loss():
     """channels_last changes the memory order of the U-Net's input only: the loss is the same number."""
     module = tiny_module()
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    context = module.encode_captions(CAPTIONS * 2)
+    context = module.conditioning(CAPTIONS * 2)
     plain = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
-    module.channels_last = True
+    module.latent_options = dataclasses.replace(module.latent_options, channels_last=True)
     reordered = module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(reordered, plain, rtol=1e-5, atol=1e-6)  # convolution kernels may sum in another order

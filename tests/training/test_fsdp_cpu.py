@@ -47,7 +47,7 @@ def test_fsdp_wraps_the_unet_only_its_sharded_checkpoint_loads_in_one_process_an
     whole = {name: sum(p.numel() for p in getattr(single, name).parameters()) for name in ("unet", "vae", "text_encoder")}
     assert report["units"].count("UNetModel") == 2  # the U-Net and its EMA copy
     assert report["units"].count("TimestepEmbedSequential") == 2 * len(
-        [m for m in single.unet.modules() if type(m).__name__ == "TimestepEmbedSequential"])
+        [m for m in single.network.modules() if type(m).__name__ == "TimestepEmbedSequential"])
     assert report["managed_frozen"] == []  # no VAE or text-encoder parameter inside a FlatParameter
     assert report["optimizer_is_unet"]
     assert report["local_numel"]["vae"] == whole["vae"] and report["local_numel"]["text_encoder"] == whole["text_encoder"]
@@ -64,8 +64,8 @@ def test_fsdp_wraps_the_unet_only_its_sharded_checkpoint_loads_in_one_process_an
         torch.testing.assert_close(value, full[key], rtol=0, atol=0, msg=key)
     assert checkpoint["global_step"] == 1 and len(checkpoint["optimizer_states"]) == 1
     # The first EMA update (made on the shards) copies the weights: the gathered EMA equals the U-Net.
-    for key, value in single.unet.state_dict().items():
-        torch.testing.assert_close(single.ema_unet.module.state_dict()[key], value, rtol=0, atol=0)
+    for key, value in single.network.state_dict().items():
+        torch.testing.assert_close(single.ema_network.module.state_dict()[key], value, rtol=0, atol=0)
     # Rank 0's images from the gathered EMA U-Net are the consolidated model's images.
     from tests.training.fsdp_cpu_run import SAMPLE_OPTIONS, SAMPLE_PROMPTS
 

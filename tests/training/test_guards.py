@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.training.diffusion_module import check_resolution
+from ldm.training.module_checks import check_resolution
 from ldm.training.guards import NonFiniteGuard, NonFiniteStepsError
 
 
@@ -60,7 +60,7 @@ def test_a_run_of_nonfinite_steps_stops_with_the_checkpoint_from_before(tmp_path
     torch.testing.assert_close(state["state_dict"]["layer.weight"], module.weights_seen[3], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("resolution", "keys"), [(30, "model.vae.ch_mult"), (36, "model.unet.channel_mult")])
+@pytest.mark.parametrize(("resolution", "keys"), [(30, "model.vae.ch_mult"), (36, "model.network.channel_mult")])
 def test_an_image_size_the_models_cannot_divide_is_refused_naming_the_keys(resolution, keys):
     vae = torch.nn.Module()
     vae.downsample_factor = 4

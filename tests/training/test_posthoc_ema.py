@@ -18,21 +18,21 @@ STEPS, EVERY, SIGMA_REL = 400, 10, 0.08
 class NoisyRegression(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.unet = nn.Linear(16, 16)
+        self.network = nn.Linear(16, 16)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return ((self.unet(x) - y) ** 2).mean()
+        return ((self.network(x) - y) ** 2).mean()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.unet.parameters(), lr=0.2)
+        return torch.optim.SGD(self.network.parameters(), lr=0.2)
 
 
 class DirectEMA(L.Callback):
     """The EMA of SIGMA_REL tracked at every optimizer step, as the snapshots' profiles are."""
 
     def on_fit_start(self, trainer, pl_module):
-        self.ema = KarrasEMA(pl_module.unet, sigma_rel=SIGMA_REL, update_every=1)
+        self.ema = KarrasEMA(pl_module.network, sigma_rel=SIGMA_REL, update_every=1)
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.ema.update()
@@ -56,7 +56,7 @@ def test_reconstructed_sigma_rel_matches_the_directly_tracked_ema(tmp_path):
     assert len(list((tmp_path / "ema").glob("*.pt"))) == 2 * STEPS // EVERY
     tracked = {k: v for k, v in direct.ema.ema_model.state_dict().items()}
     synthesized = synthesize_state(tmp_path / "ema", SIGMA_REL)
-    raw = module.unet.state_dict()
+    raw = module.network.state_dict()
     error = max(float((synthesized[k] - tracked[k]).norm() / tracked[k].norm()) for k in tracked)
     spread = max(float((raw[k] - tracked[k]).norm() / tracked[k].norm()) for k in tracked)
     # Reconstruction error well below how far the EMA is from the raw weights (what averaging changes).

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ldm.training.preemption import CheckpointAndRequeue
-from ldm.training.throughput import ThroughputMonitor, device_peak_tflops, unet_training_flops
+from ldm.training.throughput import ThroughputMonitor, device_peak_tflops, network_training_flops
 
 
 class Regression(L.LightningModule):
@@ -20,14 +20,14 @@ class Regression(L.LightningModule):
 
     def __init__(self, signal_at_step: int | None = None) -> None:
         super().__init__()
-        self.unet = nn.Linear(8, 8)
+        self.network = nn.Linear(8, 8)
         self.signal_at_step = signal_at_step
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == self.signal_at_step:
             os.kill(os.getpid(), signal.SIGUSR1)
         (x,) = batch
-        return self.unet(x).square().mean()
+        return self.network(x).square().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -60,7 +60,7 @@ def test_preemption_signal_checkpoints_requeues_and_stops(tmp_path):
 def test_unet_flops_match_the_closed_form_for_a_linear_layer():
     batch, width_in, width_out = 16, 32, 24
     layer = nn.Linear(width_in, width_out)
-    flops = unet_training_flops(layer, (torch.randn(batch, width_in),))
+    flops = network_training_flops(layer, (torch.randn(batch, width_in),))
     # forward 2*B*I*O; backward: the weight gradient, 2*B*I*O (the input takes no gradient)
     assert flops == 2 * 2 * batch * width_in * width_out
     assert layer.weight.device.type == "cpu" and layer.weight.grad is None  # counted on a meta copy
@@ -68,8 +68,8 @@ def test_unet_flops_match_the_closed_form_for_a_linear_layer():
 
 def test_unet_flops_count_inputs_made_under_bf16_autocast():
     conv = nn.Conv2d(4, 8, 3, padding=1)  # a float32 convolution refuses bf16 inputs, even on the meta device
-    flops = unet_training_flops(conv, (torch.randn(2, 4, 8, 8),))
-    assert flops > 0 and unet_training_flops(conv, (torch.randn(2, 4, 8, 8, dtype=torch.bfloat16),)) == flops
+    flops = network_training_flops(conv, (torch.randn(2, 4, 8, 8),))
+    assert flops > 0 and network_training_flops(conv, (torch.randn(2, 4, 8, 8, dtype=torch.bfloat16),)) == flops
 
 
 def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
@@ -78,8 +78,8 @@ def test_throughput_monitor_logs_speed_and_mfu(tmp_path):
     trainer = fit(Regression(), [monitor, checkpoint], tmp_path, steps=12)
     assert monitor.flops_per_batch == 2 * 2 * 4 * 8 * 8  # Linear(8, 8), batch 4
     metrics = trainer.callback_metrics
-    assert metrics["perf/unet_tflops"] > 0 and metrics["perf/data_wait_ms"] >= 0
-    torch.testing.assert_close(metrics["perf/mfu"], metrics["perf/unet_tflops"])  # peak 1 TFLOP/s
+    assert metrics["perf/network_tflops"] > 0 and metrics["perf/data_wait_ms"] >= 0
+    torch.testing.assert_close(metrics["perf/mfu"], metrics["perf/network_tflops"])  # peak 1 TFLOP/s
     assert "perf/images_per_s" in metrics  # no images in this batch: 0
 
 

@@ -133,6 +133,6 @@ def test_prompts_may_carry_their_own_sizes_and_the_grid_keeps_each_aspect_ratio(
 
 def test_a_grid_size_the_model_cannot_generate_is_refused_at_setup():
     callback = SampleGridLogger(output_dir="unused", height=32, width=32, prompts=["a"], sizes=[[32, 40]])
-    module = SimpleNamespace(vae=SimpleNamespace(downsample_factor=4), unet=SimpleNamespace(downsample_factor=4))
+    module = SimpleNamespace(vae=SimpleNamespace(downsample_factor=4), network=SimpleNamespace(downsample_factor=4))
     with pytest.raises(ValueError, match=r"callbacks\.sample_grid: 32x40 is not a multiple of 16"):
         callback.setup(SimpleNamespace(datamodule=None), module, "fit")

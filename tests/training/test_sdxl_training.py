@@ -14,18 +14,18 @@ from hydra.core.global_hydra import GlobalHydra
 from ldm.config import instantiate_module
 
 ROOT = Path(__file__).resolve().parents[2]
-XL = ("model/unet=tiny_xl", "model/text_encoder=tiny_xl")
+XL = ("model/network=tiny_xl", "model/text_encoder=tiny_xl")
 
 
 def xl_module(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
                                           *XL, *overrides])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     with torch.no_grad():  # a U-Net whose output depends on its inputs (zero-initialised layers would hide it)
-        for parameter in module.unet.parameters():
+        for parameter in module.network.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return module
 
@@ -39,25 +39,26 @@ def batch(crop=(0, 0), size=4):
 
 def loss_at(module, data) -> float:
     latents = module.scale_latents(module.vae.encode(data["image"]).mode())
-    context, vector = module.batch_conditioning(data)
+    cond = module.batch_conditioning(data)
     with torch.no_grad():
-        return float(module.diffusion_loss(latents, context, generator=torch.Generator().manual_seed(3), vector=vector))
+        return float(module.diffusion_loss(latents, cond, generator=torch.Generator().manual_seed(3)))
 
 
 def test_the_size_fields_reach_the_unet_and_dropping_a_condition_removes_them():
     module = xl_module().eval()
     assert loss_at(module, batch((0, 0))) != pytest.approx(loss_at(module, batch((16, 8))), rel=1e-6)
-    context, vector = module.batch_conditioning(batch((16, 8)))
+    cond = module.batch_conditioning(batch((16, 8)))
+    context, vector = cond.tokens, cond.vector
     assert context.shape == (4, 16, 96) and vector.shape == (4, 128)
     assert vector[1, :32].abs().max() == 0  # the dropped ("") caption's pooled embedding is zero
 
-    always_dropped = xl_module("model.size_condition_dropout={crop_coords: 1.0}").train()
-    _, first = always_dropped.batch_conditioning(batch((0, 0)))
-    _, second = always_dropped.batch_conditioning(batch((16, 8)))
+    always_dropped = xl_module("model.text_encoder.size_condition_dropout={crop_coords: 1.0}").train()
+    first = always_dropped.batch_conditioning(batch((0, 0))).vector
+    second = always_dropped.batch_conditioning(batch((16, 8))).vector
     torch.testing.assert_close(first, second)  # the crop embedding is zeroed in training
     assert first[:, 64:96].abs().max() == 0 and first[:, 32:64].abs().max() > 0
     always_dropped.train(False)
-    assert not torch.equal(always_dropped.batch_conditioning(batch((16, 8)))[1], second)  # kept when not training
+    assert not torch.equal(always_dropped.batch_conditioning(batch((16, 8))).vector, second)  # kept when not training
 
 
 def test_a_training_step_runs_and_a_batch_without_size_fields_names_them():
@@ -70,14 +71,14 @@ def test_a_training_step_runs_and_a_batch_without_size_fields_names_them():
 
 def test_misconfigured_sdxl_parts_stop_at_start_up_naming_the_key():
     # (Hydra wraps the module's ValueError; train.py prints its one line)
-    with pytest.raises(Exception, match=r"model.unet.adm_in_channels=64 .* 128-dim \(32 pooled \+ 3 x 2 x 16"):
-        xl_module("model.unet.adm_in_channels=64")
-    with pytest.raises(Exception, match=r"model.unet.context_dim=64 but the text towers output 32 \+ 64 = 96"):
-        xl_module("model.unet.context_dim=64")
-    with pytest.raises(Exception, match="model.unet.adm_in_channels=128 .* gives no vector"):
-        xl_module("model/text_encoder=tiny", "model.unet.context_dim=64")  # one tower: no vector for the U-Net
-    with pytest.raises(Exception, match="model.size_condition_dropout.aspect"):
-        xl_module("model.size_condition_dropout={aspect: 0.1}")
+    with pytest.raises(Exception, match=r"model.network.adm_in_channels=64 .* 128-dim \(32 pooled \+ 3 x 2 x 16"):
+        xl_module("model.network.adm_in_channels=64")
+    with pytest.raises(Exception, match=r"model.network.context_dim=64 but the text towers output 32 \+ 64 = 96"):
+        xl_module("model.network.context_dim=64")
+    with pytest.raises(Exception, match="model.network.adm_in_channels=128 .* gives no vector"):
+        xl_module("model/text_encoder=tiny", "model.network.context_dim=64")  # one tower: no vector for the U-Net
+    with pytest.raises(Exception, match="model.text_encoder.size_condition_dropout.aspect"):
+        xl_module("model.text_encoder.size_condition_dropout={aspect: 0.1}")
     module = xl_module()
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(resolution=32))  # a data module without buckets
     with pytest.raises(ValueError, match=r"size_conditions=\['original_size', 'crop_coords', 'target_size'\].*"
@@ -95,7 +96,7 @@ def test_demo_xl_composes_an_sdxl_style_model_on_the_multi_aspect_set_with_crops
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo_xl"])
-    assert cfg.model.unet.adm_in_channels == 128 and cfg.model.text_encoder.pooled_encoder == 1
+    assert cfg.model.network.adm_in_channels == 128 and cfg.model.text_encoder.pooled_encoder == 1
     buckets = [list(bucket) for bucket in cfg.data.buckets]
     assert buckets == [[32, 32], [32, 64], [64, 32]]
     # 32x96 and 96x32 scenes go to the 32x64 / 64x32 buckets and are cropped there: crop offsets to learn from

@@ -93,9 +93,9 @@ def test_the_stratified_loss_runs_for_every_objective(objective):
     from stratified_loss_run import KeyedImages
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", "model.vae_weights=null", "model.latent_scale_factor=0.5",
-                                          f"model/objective={objective}", "model.loss_weighting=uniform",
-                                          "model.val_loss_subset=1.0"])
+        cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
+                                          f"model/objective={objective}", "model.objective.loss_weighting=uniform",
+                                          "model.validation.subset=1.0"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
