@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion.guidance import classifier_free_guidance
-from ldm.diffusion.samplers import sample
+from ldm.diffusion.sampling import sample
 from ldm.models.conditioner import default_sizes, vector_width
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
-from ldm.diffusion.samplers import DEFAULT_SAMPLERS
+from ldm.diffusion.sampling import DEFAULT_SAMPLERS
 from ldm.evaluation.analysis import MemorizationSets, SampleAnalysis, memorization_grid
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep, size_sweep
