@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 
 from ldm.atomic import atomic_write
-from ldm.data.shards import SHARD_MTIME
+from ldm.data.tars import SHARD_MTIME
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -42,9 +42,10 @@ from ldm.checkpoints import load_weights
 from ldm.data.buckets import Bucket, resolve_buckets
 from ldm.data.filters import MetadataFilters
 from ldm.data.latents import MANIFEST_NAME, latent_sample_files
-from ldm.data.shards import SHARD_MTIME, ImageTextDataset, expand_shards
+from ldm.data.shards import ImageTextDataset
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import ensure_synthetic_dataset
+from ldm.data.tars import SHARD_MTIME, expand_shards
 from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger("ldm.tools.precompute_latents")
