@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from ldm.tools.export import export_pipeline
+
+from ldm.interchange.export import export_pipeline
 from ldm.training.fsdp import whole_pipeline
 from ldm.training.lora_module import write_run_lora
 
