@@ -77,7 +77,6 @@ def _split(items: list, part: int, num_parts: int) -> tuple[list, int, int]:
     return items, part, num_parts
 
 
-
 def _fast_forward(items: Iterator[tuple[int, dict]], position: int, keep: set[int]) -> list[tuple[int, dict]]:
     """Take the first ``position`` items of a positioned stream, returning those at the ``keep`` positions."""
     kept = []
@@ -94,7 +93,6 @@ class _Continuation:
     def __init__(self, positions: dict[int, StreamPosition], first_worker: int) -> None:
         self.positions = positions
         self.first_worker = first_worker
-
 
 
 class ShardStream(torch.utils.data.IterableDataset):

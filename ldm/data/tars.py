@@ -128,12 +128,11 @@ def _close_quietly(stream) -> None:
         pass
 
 
-
 def shard_samples(url: str, counter: SkipCounter) -> Iterator[dict]:
     """The raw samples of one shard. A local, plain, undamaged tar gives header-only entries (``tar_index``),
-    whose files ``_decoded`` reads when it needs them: a resumed stream walks over consumed samples without
-    reading them, and a read costs a seek instead of tarfile's header parsing. Other shards (remote, compressed,
-    damaged) are read by ``read_tar_samples``, which counts their damage."""
+    whose files ``ShardStream._decoded`` reads when it needs them: a resumed stream walks over consumed samples
+    without reading them, and a read costs a seek instead of tarfile's header parsing. Other shards (remote,
+    compressed, damaged) are read by ``read_tar_samples``, which counts their damage."""
     index = tar_index(url)
     if index is None:
         yield from read_tar_samples(url, counter)
