@@ -44,9 +44,10 @@ from ldm.checkpoints import save_weights  # noqa: E402
 from ldm.data.buckets import bucket_grid  # noqa: E402
 from ldm.data.datamodule import LatentShardDataModule, ShardDataModule  # noqa: E402
 from ldm.data.filters import MetadataFilters  # noqa: E402
+from ldm.data.image_shards import folder_records, write_shards  # noqa: E402
+from ldm.data.precompute import precompute_latents  # noqa: E402
 from ldm.data.shards import ImageTextDataset  # noqa: E402
 from ldm.data.synthetic import ensure_synthetic_dataset  # noqa: E402
-from ldm.tools import make_shards, precompute_latents  # noqa: E402
 
 RESOLUTION = 256
 # Pixel noise of the made photos (0-255 levels): 3 gives ~1.9 bits per pixel at quality 90, as web
@@ -120,7 +121,7 @@ def timed(function, *args) -> tuple[float, int]:
 def decode_benchmark(work: Path, images: int, passes: int, noise_std: float = NOISE_STD) -> dict:
     """Images per second of the pipeline and of the plain loop over the same ``images`` JPEGs."""
     paths = make_images(work / "images", images, noise_std)
-    summary = make_shards.write_shards(make_shards.folder_records(work / "images"), work / "shards", 16)
+    summary = write_shards(folder_records(work / "images"), work / "shards", 16)
     torch.set_num_threads(1)  # one dataloader worker's share
     rates = {"pipeline": [], "bucketed": [], "plain": []}
     pipeline_pass(summary["shard_spec"])  # warm the page cache for all arms
@@ -216,11 +217,11 @@ def training_benchmark(work: Path, image_dir: Path, steps: int, batch_size: int,
     module, cfg = build_module(device)
     vae_weights = save_weights(module.vae, work / "sd-vae.safetensors", {"latent_scale_factor": 0.18215})
     # Pixel batches: one warm-up, then ``steps`` measured; latents are made for the measured images only.
-    records = list(make_shards.folder_records(image_dir))[: (steps + 1) * batch_size]
-    pixel_shards = make_shards.write_shards(records, work / "pixels", len(records))["shard_spec"]
-    measured = make_shards.write_shards(records[batch_size:], work / "measured", len(records))["shard_spec"]
+    records = list(folder_records(image_dir))[: (steps + 1) * batch_size]
+    pixel_shards = write_shards(records, work / "pixels", len(records))["shard_spec"]
+    measured = write_shards(records[batch_size:], work / "measured", len(records))["shard_spec"]
     started = time.perf_counter()
-    precompute_latents.precompute_latents(
+    precompute_latents(
         measured, work / "latents", module.vae, RESOLUTION, {"vae": "sd", "weights": str(vae_weights)},
         batch_size=batch_size, device=device)
     precompute_seconds = time.perf_counter() - started

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine_info  # noqa: E402
 from ldm.data import latents as latents_module  # noqa: E402
-from ldm.data import shards as shards_module  # noqa: E402
+from ldm.data import stream as stream_module  # noqa: E402
+from ldm.data import tars  # noqa: E402
 from ldm.data.latents import LatentTextDataset  # noqa: E402
 from ldm.tools import precompute_latents  # noqa: E402
 
@@ -58,12 +59,12 @@ def pax_copy(source: Path, target: Path) -> None:
 def reading_as_before():
     """tarfile for every shard and numpy's own .npy reader for every array."""
     def tarfile_samples(url, counter):
-        return shards_module.read_tar_samples(url, counter)
+        return tars.read_tar_samples(url, counter)
 
     def numpy_load(data):
         return np.load(io.BytesIO(data), allow_pickle=False)
 
-    with mock.patch.object(shards_module, "_shard_samples", tarfile_samples), \
+    with mock.patch.object(stream_module, "shard_samples", tarfile_samples), \
             mock.patch.object(latents_module, "load_npy", numpy_load):
         yield
 

@@ -133,7 +133,7 @@ def main() -> None:
 def posthoc_curve(run: Path, args: argparse.Namespace, extractor, real: torch.Tensor, val_captions: list[str]) -> dict:
     """FID of each sigma_rel's post-hoc EMA of a run against its fixed-decay EMA, and the reconstruction of the
     profile the run tracked directly (``direct_*.pt``)."""
-    from ldm.training.posthoc_ema import apply_posthoc_ema, synthesize_state
+    from ldm.interchange.posthoc_ema import apply_posthoc_ema, synthesize_state
 
     snapshots = run / "posthoc_ema"
     model = run / "model"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ldm.conditioning import Conditioning
 from ldm.diffusion.guidance import classifier_free_guidance
-from ldm.diffusion.samplers import sample
+from ldm.diffusion.sampling import sample
 from ldm.models.conditioner import default_sizes
 
 

@@ -42,8 +42,47 @@ def test_the_conditioning_contract_imports_torch_only():
 
 def test_inference_code_imports_no_training_code():
     files = [ROOT / "ldm" / "pipeline.py", *sorted((ROOT / "ldm" / "interchange").glob("*.py")),
-             ROOT / "ldm" / "tools" / "sample.py", ROOT / "ldm" / "tools" / "export.py", ROOT / "ldm" / "tools" / "cli.py"]
+             ROOT / "ldm" / "tools" / "sample.py", ROOT / "ldm" / "tools" / "export.py", ROOT / "ldm" / "tools" / "cli.py",
+             ROOT / "ldm" / "tools" / "posthoc_ema.py"]
     for path in files:
         for name in imported_modules(path):
             assert not name.startswith(("ldm.training", "lightning", "hydra", "omegaconf", "wandb")), \
                 f"{path.relative_to(ROOT)} imports {name}"
+
+
+def library_files(*packages: str) -> list[Path]:
+    """The .py files of ``ldm/<package>`` for each package (all of ldm/ when none is named)."""
+    folders = [ROOT / "ldm" / package for package in packages] or [ROOT / "ldm"]
+    return sorted(path for folder in folders for path in folder.rglob("*.py"))
+
+
+def test_nothing_outside_the_tools_imports_them():
+    """The command-line programs sit on top: library code never imports ``ldm.tools``."""
+    for path in library_files():
+        if path.is_relative_to(ROOT / "ldm" / "tools"):
+            continue
+        for name in imported_modules(path):
+            assert not name.startswith("ldm.tools"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_evaluation_imports_no_training_code():
+    for path in library_files("evaluation"):
+        for name in imported_modules(path):
+            assert not name.startswith(("ldm.training", "lightning")), f"{path.relative_to(ROOT)} imports {name}"
+
+
+@pytest.mark.parametrize("package", ["data", "interchange"])
+def test_data_and_interchange_import_neither_training_nor_tools(package):
+    for path in library_files(package):
+        for name in imported_modules(path):
+            assert not name.startswith(("ldm.training", "ldm.tools")), f"{path.relative_to(ROOT)} imports {name}"
+
+
+MAX_LINES = 450
+
+
+def test_no_library_file_is_over_450_lines():
+    """Each file has one job; a file past this length holds more than one and is split by job."""
+    long_files = {str(path.relative_to(ROOT)): lines for path in library_files()
+                  if (lines := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long_files, f"over {MAX_LINES} lines: {long_files}"

@@ -21,15 +21,11 @@ from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters, caption_candidates
 from ldm.data.latents import LatentTextDataset
 from ldm.data.resume import StreamPosition, batches_per_worker, first_worker_after
-from ldm.data.shards import (
-    MODES,
-    ShardStream,
-    expand_shards,
-    image_text_dataset,
-    read_tar_samples,
-)
+from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
+from ldm.data.stream import MODES, ShardStream
 from ldm.data.synthetic import SyntheticSet
+from ldm.data.tars import expand_shards, read_tar_samples
 from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger(__name__)

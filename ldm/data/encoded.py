@@ -3,7 +3,7 @@
 ``data=latents`` trains without the VAE encoder and the text tower in the step, but needs a separate
 ``precompute_latents`` run with the right weights. A fine-tune of a small set (LoRA, ``experiment=demo_lora``)
 can do the same in one command: before the first step, the model's own frozen VAE and text encoder encode the
-set (``ldm.tools.precompute_latents``, under a second for the demo's 126 images) and training reads the
+set (``ldm.data.precompute``, under a second for the demo's 126 images) and training reads the
 result as ``data=latents`` would. So the stored latents can come from no other weights than the run's.
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ldm.data.datamodule import LatentShardDataModule
+from ldm.data.precompute import output_name, precompute_latents
 from ldm.interchange.frozen_files import file_sha256
-from ldm.tools.precompute_latents import output_name, precompute_latents
 
 
 def weights_fingerprint(*modules: nn.Module, files: list[str] = ()) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ldm.data.shards import ShardStream
+from ldm.data.stream import ShardStream
 from ldm.data.skips import SkipCounter
 
 MANIFEST_NAME = "latents.json"

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ldm.atomic import atomic_write
-from ldm.data.shards import SHARD_MTIME
+from ldm.data.tars import SHARD_MTIME
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Samplers of the reverse process: DDPM, DDIM, Euler, Euler ancestral, Heun and DPM-Solver++(2M) for
-discrete-schedule models, and the dispatch ``sample`` that also runs flow-matching (``flow_matching.py``)
-and EDM (``edm.py``) samplers.
+"""Samplers of the reverse process for discrete-schedule models: DDPM, DDIM, Euler, Euler ancestral, Heun and
+DPM-Solver++(2M). ``ldm.diffusion.sampling.sample`` dispatches to these and to the flow-matching
+(``flow_matching.py``) and EDM (``edm.py``) samplers; their timestep and sigma grids are ``timesteps.py``'s.
 
 Each sampler is a loop over timesteps around one ``denoise(x, t) -> model output`` callable
 (guidance wraps that callable; see ``guidance.py``). The denoiser receives the model-space input
@@ -16,7 +16,7 @@ with ``algorithm_type="dpmsolver++", solver_order=2``) at their constructor defa
 sampler's docstring says otherwise. Deliberate differences: ldm never clips or thresholds x0
 (diffusers' DDPM and DDIM default to ``clip_sample=True``, meant for pixels in [-1, 1], not latents);
 DDIM always ends at alpha 1 and steps to the next listed timestep (see ``sample_ddim``); no Euler
-"churn"; ``make_timesteps`` avoids two diffusers edge cases (see there).
+"churn"; ``timesteps.make_timesteps`` avoids two diffusers edge cases (see there).
 
 Every sampler also takes ``steps_offset`` (added to "leading" timesteps; SD 1.x configs use 1) and
 ``callback(step_index, x, x0_estimate)``, called after each step (for previews and step-by-step tests).
@@ -27,140 +27,18 @@ sigma = sqrt((1 - a) / a)) and feed the model x / sqrt(sigma^2 + 1), which is x_
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.edm import sample_edm
-from ldm.diffusion.flow_matching import sample_flow_euler, sample_flow_heun
-from ldm.diffusion.karras import make_karras_sigmas, sample_karras
-from ldm.diffusion.objectives import PREDICTION_TYPES, check_prediction_type, x0_and_eps_from_prediction
+from ldm.diffusion.karras import sample_karras
+from ldm.diffusion.objectives import check_prediction_type, x0_and_eps_from_prediction
+from ldm.diffusion.timesteps import dpm_solver_timesteps_and_sigmas, euler_timesteps_and_sigmas, make_timesteps
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, x0 estimate)
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-# Euler-type samplers need a finite sigma at every step. Where a zero-terminal-SNR schedule has
-# alphas_cumprod == 0, use the smallest positive fp16 subnormal instead, as diffusers does.
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
-
-
-# ------------------------------------------------------------------------------------- timesteps
-def make_timesteps(
-    num_inference_steps: int,
-    num_train_timesteps: int,
-    spacing: str = "leading",
-    steps_offset: int = 0,
-    integer: bool = True,
-) -> Tensor:
-    """Descending timesteps (num_inference_steps,), spaced as diffusers defines them
-    (Lin et al. 2023, Table 2), with n = num_inference_steps and T = num_train_timesteps:
-
-    - ``leading``: k * (T // n) + steps_offset for k = n-1 .. 0 (never reaches T - 1);
-    - ``trailing``: round(T - k * T / n) - 1 for k = 0 .. n-1 (starts at T - 1);
-    - ``linspace``: n evenly spaced points from T - 1 down to 0, rounded.
-
-    int64 when ``integer`` (DDPM, DDIM, DPM-Solver); otherwise float64 with ``linspace`` left
-    unrounded, as diffusers' Euler schedulers use it. For ``trailing`` ldm always returns n steps,
-    where diffusers' float ``np.arange`` gives n + 1 (the last one -1) for 62 values of n in 1..1000.
-    """
-    if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps={num_inference_steps}; it must lie in [1, num_train_timesteps={num_train_timesteps}]"
-        )
-    steps = torch.arange(num_inference_steps, dtype=torch.float64)
-    if spacing == "leading":
-        timesteps = (steps * (num_train_timesteps // num_inference_steps)).flip(0) + steps_offset
-    elif spacing == "trailing":
-        # numpy's arange arithmetic (start + k * ((start + step) - start)), so rounding ties fall alike.
-        delta = (num_train_timesteps - num_train_timesteps / num_inference_steps) - num_train_timesteps
-        timesteps = torch.round(num_train_timesteps + steps * delta) - 1
-    elif spacing == "linspace":
-        # numpy's linspace arithmetic (index * step, last point exact), so rounding ties fall alike.
-        step = (num_train_timesteps - 1) / max(num_inference_steps - 1, 1)
-        timesteps = steps * step
-        timesteps[-1] = num_train_timesteps - 1 if num_inference_steps > 1 else 0.0
-        timesteps = timesteps.flip(0)
-        if integer:
-            timesteps = torch.round(timesteps)
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r}; choose one of {TIMESTEP_SPACINGS}")
-    if timesteps.max() >= num_train_timesteps:
-        raise ValueError(
-            f"steps_offset={steps_offset} puts the first timestep at {int(timesteps.max())}, beyond the "
-            f"schedule's last ({num_train_timesteps - 1}); use fewer steps or steps_offset=0"
-        )
-    return timesteps.long() if integer else timesteps
-
-
-def timesteps_for_sigmas(sigmas: Tensor, train_sigmas: Tensor) -> Tensor:
-    """Fractional timesteps at which the schedule's sigmas (T,) reach ``sigmas``, interpolating log sigma."""
-    log_train = train_sigmas.log()
-    log_sigmas = sigmas.clamp(min=1e-10).log()
-    low = (torch.searchsorted(log_train, log_sigmas, right=True) - 1).clamp(0, len(train_sigmas) - 2)
-    weight = ((log_train[low] - log_sigmas) / (log_train[low] - log_train[low + 1])).clamp(0, 1)
-    return low + weight
-
-
-def _interpolate(timesteps: Tensor, values: Tensor) -> Tensor:
-    """``values`` (T,) linearly interpolated at fractional ``timesteps`` in [0, T - 1] (like np.interp)."""
-    low = timesteps.floor().long().clamp(0, len(values) - 2)
-    weight = timesteps - low
-    return values[low] * (1 - weight) + values[low + 1] * weight
-
-
-def train_sigmas_of(alphas_cumprod: Tensor) -> Tensor:
-    """sqrt((1 - a) / a) (T,) in float64, with a zero-terminal-SNR a == 0 replaced as diffusers does."""
-    alphas_cumprod = alphas_cumprod.double().where(alphas_cumprod > 0, ZERO_SNR_ALPHA_CUMPROD)
-    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-
-
-def euler_timesteps_and_sigmas(
-    alphas_cumprod: Tensor, num_inference_steps: int, spacing: str, use_karras_sigmas: bool = False, steps_offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Float timesteps (n,) and sigmas (n + 1,) ending at 0, as diffusers' EulerDiscreteScheduler sets them.
-
-    Sigmas are the schedule's sigmas interpolated at the (fractional) timesteps; with Karras sigmas,
-    n Karras sigmas between the first and last of those, each with its log-interpolated timestep.
-    """
-    train_sigmas = train_sigmas_of(alphas_cumprod)
-    timesteps = make_timesteps(num_inference_steps, len(train_sigmas), spacing, steps_offset, integer=False)
-    sigmas = _interpolate(timesteps, train_sigmas)
-    if use_karras_sigmas:
-        sigmas = make_karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
-        timesteps = timesteps_for_sigmas(sigmas, train_sigmas)
-    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def dpm_solver_timesteps_and_sigmas(
-    alphas_cumprod: Tensor, num_inference_steps: int, spacing: str, use_karras_sigmas: bool = False, steps_offset: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Integer timesteps (n,) and sigmas (n + 1,) ending at 0, as diffusers' DPMSolverMultistepScheduler sets them.
-
-    ``linspace`` and ``leading`` space n + 1 points and drop the last (t = 0, replaced by sigma 0);
-    ``trailing`` is as for the other samplers. Karras sigmas span the whole schedule, and their
-    timesteps are rounded to integers (diffusers leaves them fractional for its cosine schedule only).
-    """
-    train_sigmas = train_sigmas_of(alphas_cumprod)
-    num_train_timesteps = len(train_sigmas)
-    if use_karras_sigmas:
-        sigmas = make_karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num_inference_steps)
-        timesteps = timesteps_for_sigmas(sigmas, train_sigmas).round().long()
-    else:
-        if spacing == "trailing":
-            timesteps = make_timesteps(num_inference_steps, num_train_timesteps, spacing)
-        elif num_inference_steps >= num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps}: DPM-Solver with {spacing!r} spacing takes at most "
-                f"{num_train_timesteps - 1} steps; use fewer steps or timestep_spacing='trailing'"
-            )
-        else:
-            timesteps = make_timesteps(num_inference_steps + 1, num_train_timesteps, spacing, steps_offset)[:-1]
-        sigmas = train_sigmas[timesteps]
-    return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -432,93 +310,3 @@ def sample_dpmpp_2m(
         if callback is not None:
             callback(i, x, x0)
     return x
-
-
-def _flow_sampler(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """A flow-matching sampler in the dispatch's calling convention (the schedule gives T only)."""
-
-    def run(denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, num_inference_steps: int = 50,
-            prediction_type: str = "flow", shift: float = 1.0, generator: torch.Generator | None = None,
-            callback: StepCallback | None = None) -> Tensor:
-        return function(denoise, noise, num_inference_steps, shift, len(alphas_cumprod), callback)
-
-    run.__doc__ = function.__doc__
-    return run
-
-
-def _edm_sampler(second_order: bool) -> Callable[..., Tensor]:
-    """An EDM sampler in the dispatch's calling convention (the discrete schedule is unused)."""
-
-    def run(denoise: Denoiser, noise: Tensor, alphas_cumprod: Tensor, num_inference_steps: int = 18,
-            prediction_type: str = "edm", sigma_data: float = 1.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
-            rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-            s_noise: float = 1.0, generator: torch.Generator | None = None,
-            callback: StepCallback | None = None) -> Tensor:
-        return sample_edm(denoise, noise, num_inference_steps, sigma_data, sigma_min, sigma_max, rho, second_order,
-                          s_churn, s_tmin, s_tmax, s_noise, generator, callback)
-
-    run.__doc__ = sample_edm.__doc__
-    return run
-
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "flow_euler": _flow_sampler(sample_flow_euler),
-    "flow_heun": _flow_sampler(sample_flow_heun),
-    "edm_heun": _edm_sampler(second_order=True),
-    "edm_euler": _edm_sampler(second_order=False),
-}
-# Which samplers fit which objective (``prediction_type``): a model of one objective refuses the others'.
-SAMPLERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {
-    **{kind: ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m") for kind in PREDICTION_TYPES},
-    "flow": ("flow_euler", "flow_heun"),
-    "edm": ("edm_heun", "edm_euler"),
-}
-DEFAULT_SAMPLERS = {**{kind: "ddim" for kind in PREDICTION_TYPES}, "flow": "flow_euler", "edm": "edm_heun"}
-
-
-def check_sampler(sampler: str, prediction_type: str, key: str = "sampler") -> None:
-    """Raise a ValueError naming ``key`` when ``sampler`` is unknown or belongs to another objective."""
-    if prediction_type not in SAMPLERS_BY_OBJECTIVE:
-        raise ValueError(f"prediction_type={prediction_type!r}; choose one of {sorted(SAMPLERS_BY_OBJECTIVE)}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"{key}={sampler!r}; choose one of {sorted(SAMPLERS)}")
-    fitting = SAMPLERS_BY_OBJECTIVE[prediction_type]
-    if sampler not in fitting:
-        raise ValueError(f"{key}={sampler!r} does not fit this model's objective ({prediction_type!r}); "
-                         f"choose one of {list(fitting)}")
-
-
-def sample(
-    sampler: str | None,
-    denoise: Denoiser,
-    noise: Tensor,
-    alphas_cumprod: Tensor,
-    num_inference_steps: int,
-    prediction_type: str = "epsilon",
-    **kwargs,
-) -> Tensor:
-    """Run the sampler named ``sampler`` (a key of SAMPLERS; None: the objective's default, DEFAULT_SAMPLERS)
-    for a model of ``prediction_type`` (epsilon | v_prediction | sample | flow | edm); ``kwargs`` go to it
-    (flow: ``shift``; EDM: ``sigma_data``, ``sigma_min``, ``sigma_max``, ``rho``, churn). Returns x0 (B, C, H, W).
-    ``alphas_cumprod`` (T,) is the discrete schedule; flow samplers read only T from it, EDM none of it."""
-    if sampler is None:
-        sampler = DEFAULT_SAMPLERS.get(prediction_type, "ddim")
-    check_sampler(sampler, prediction_type)
-    function = SAMPLERS[sampler]
-    accepted = inspect.signature(function).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if "shift" in unknown:
-        raise ValueError(f"shift={kwargs['shift']} is the time shift of flow matching; this model's objective is "
-                         f"{prediction_type!r}: remove shift")
-    if unknown:
-        options = [name for name in accepted if name not in ("denoise", "noise", "alphas_cumprod")]
-        raise ValueError(f"sampler {sampler!r} does not take {unknown}; it takes {options}")
-    return function(
-        denoise, noise, alphas_cumprod, num_inference_steps=num_inference_steps, prediction_type=prediction_type, **kwargs
-    )

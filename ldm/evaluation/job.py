@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import instantiate_group
 from ldm.config_check import build_options
-from ldm.diffusion.samplers import DEFAULT_SAMPLERS
+from ldm.diffusion.sampling import DEFAULT_SAMPLERS
 from ldm.evaluation.analysis import MemorizationSets, SampleAnalysis, memorization_grid
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, guidance_sweep, size_sweep
@@ -27,6 +27,7 @@ from ldm.evaluation.reference import extract_features, read_image_caption_set, r
 from ldm.evaluation.report import (format_table, log_to_wandb, plot_guidance_curve, plot_sigma_rel_curve, sample_grid,
                                    write_results)
 from ldm.evaluation.uncertainty import spread_over_seeds
+from ldm.interchange.posthoc_ema import apply_posthoc_ema
 from ldm.pipeline import TextToImagePipeline
 from ldm.ranks import rank_and_world_size
 from ldm.visualization import captioned_grid, to_pil_images
@@ -245,8 +246,6 @@ def posthoc_ema_sweep(pipeline: TextToImagePipeline, options: EvalOptions, capti
     reconstructed from ``eval.posthoc_ema_snapshots`` into the pipeline's U-Net (which keeps the last one)."""
     if not options.sigma_rels:
         return []
-    from ldm.training.posthoc_ema import apply_posthoc_ema
-
     rows = []
     for sigma_rel in options.sigma_rels:
         apply_posthoc_ema(pipeline, options.posthoc_ema_snapshots, float(sigma_rel))

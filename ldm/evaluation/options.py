@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.sampling import SAMPLERS
 from ldm.models.conditioner import SIZE_CONDITIONS
 
 

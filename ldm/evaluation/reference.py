@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ldm.checkpoints import save_weights
 from ldm.data.filters import caption_candidates
-from ldm.data.shards import expand_shards, image_text_dataset, read_tar_samples
+from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
+from ldm.data.tars import expand_shards, read_tar_samples
 from ldm.data.transforms import open_image, to_rgb
 
 logger = logging.getLogger(__name__)

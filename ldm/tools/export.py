@@ -23,70 +23,13 @@ adapters, of a LoRA run's checkpoint or of ``--lora FILE`` (converting its layou
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from ldm.checkpoints import read_torch_file
-from ldm.interchange.build import build, constructor_arguments
-from ldm.interchange.load_model import checkpoint_adapters, load_model, source_kind
-from ldm.interchange.lora_files import LAYOUTS, LoraNames, read_lora_file, write_lora_file
-from ldm.interchange.diffusers_folder import check_sdxl_conditioner, write_diffusers_folder
-from ldm.interchange.original_file import original_checkpoint_state, write_original_checkpoint
-from ldm.models.conditioner import TextConditioner
-from ldm.pipeline import TextToImagePipeline
+from ldm.interchange.export import FORMATS, export_lora, export_pipeline
+from ldm.interchange.lora_files import LAYOUTS
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 
-FORMATS = ("diffusers", "sd")
 LORA_FORMAT = "lora"
-UNET_TARGET = "ldm.models.unet.UNetModel"
-
-
-def check_exportable(model_config: Mapping[str, Any]) -> None:
-    """ValueError unless the network of ``model_config`` (the components' ``_target_`` configs) has a layout in
-    diffusers folders and SD files: those hold U-Nets."""
-    target = (model_config.get("network") or {}).get("_target_")
-    if target != UNET_TARGET:
-        raise ValueError(f"the network is a {target}: diffusers folders and SD files hold U-Nets ({UNET_TARGET}) and "
-                         f"this family has no mapping to them; its training checkpoint (last.ckpt) is the model, "
-                         f"which from_pretrained loads")
-
-
-def export_pipeline(pipeline: TextToImagePipeline, out: str | Path, format: str = "diffusers") -> Path:
-    """Write a pipeline (with its ``model_config``) as a diffusers folder or an SD single file."""
-    if format not in FORMATS:
-        raise ValueError(f"format={format!r}; choose one of {FORMATS}")
-    config = pipeline.model_config
-    if not all(name in config for name in ("network", "vae", "noise_schedule")):
-        raise ValueError("the pipeline has no model_config: build it with TextToImagePipeline.from_pretrained")
-    check_exportable(config)
-    unet_state, vae_state = pipeline.network.state_dict(), pipeline.vae.state_dict()
-    text_encoder = pipeline.text_encoder
-    if format == "diffusers":
-        return write_diffusers_folder(
-            out, unet_state, constructor_arguments(config["network"]), vae_state, constructor_arguments(config["vae"]),
-            text_encoder, build(config["noise_schedule"]), pipeline.prediction_type, pipeline.latent_scale_factor,
-            pipeline.sampler_options)
-    if isinstance(text_encoder, TextConditioner):  # SDXL's conditioner.embedders.{0,1}
-        check_sdxl_conditioner(text_encoder)
-        text_state: Any = [tower.tower.state_dict() for tower in text_encoder.text_encoders]
-        text_layout = "sdxl"
-    else:
-        text_state, text_layout = text_encoder.tower.state_dict(), "open_clip" if text_encoder.layer == "penultimate" else "hf"
-    state = original_checkpoint_state(unet_state, vae_state, text_state, text_layout=text_layout,
-                                      ema_state=pipeline.ema_state)
-    metadata = {"latent_scale_factor": pipeline.latent_scale_factor, "prediction_type": pipeline.prediction_type,
-                "ldm_model_config": config}
-    if pipeline.sampler_options:  # a flow / EDM model's sampler settings (shift, sigmas), read back by load_model
-        metadata["ldm_sampler_options"] = pipeline.sampler_options
-    return write_original_checkpoint(out, state, metadata=metadata)
-
-
-def export_module(module: Any, out: str | Path, format: str = "diffusers", use_ema: bool = True) -> Path:
-    """Export a training module (anything with ``pipeline(use_ema)`` and ``ema_network``) as ``export_pipeline``."""
-    if use_ema and getattr(module, "ema_network", None) is None:
-        raise ValueError("use_ema=true but the run has no EMA weights (model.ema_decay=null); export the raw weights")
-    return export_pipeline(module.pipeline(use_ema=use_ema), out, format=format)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -99,29 +42,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--lora-layout", choices=LAYOUTS, default="diffusers", help="the layout of --format lora")
     args = parser.parse_args(argv)
     if args.format == LORA_FORMAT:
-        return export_lora(args)
+        path, layers = export_lora(args.model, args.out, layout=args.lora_layout, lora=args.lora,
+                                   use_ema=not args.no_ema, vae_weights=args.vae_weights, pretrained=args.pretrained)
+        print(f"wrote {path} ({args.lora_layout} LoRA layout, {layers} layers)")
+        return path
     if args.lora is not None and not args.merge_lora:
         raise ValueError(f"--lora {args.lora} with --format {args.format}: add --merge-lora to write the model with "
                          "the adapter merged in, or use --format lora to write the adapter alone")
     pipeline = load_pipeline(args)
     path = export_pipeline(pipeline, args.out, format=args.format)
     print(f"wrote {path} ({args.format}, {'raw' if args.no_ema else 'EMA'} U-Net weights)")
-    return path
-
-
-def export_lora(args: argparse.Namespace) -> Path:
-    """``--format lora``: the adapters of ``--lora`` or of a LoRA run's checkpoint, in ``--lora-layout``."""
-    model = load_model(args.model, use_ema=False if args.no_ema else None, vae_weights=args.vae_weights,
-                       pretrained=args.pretrained)
-    names = LoraNames(model.network, model.text_encoder)
-    if args.lora is not None:
-        adapters = read_lora_file(args.lora, names)
-    else:
-        if source_kind(args.model) != "checkpoint":
-            raise ValueError(f"--format lora needs --lora FILE or a LoRA run's checkpoint; {args.model} is neither")
-        adapters = checkpoint_adapters(read_torch_file(args.model), names, use_ema=not args.no_ema, source=args.model)
-    path = write_lora_file(args.out, adapters, names, layout=args.lora_layout)
-    print(f"wrote {path} ({args.lora_layout} LoRA layout, {len(adapters)} layers)")
     return path
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ldm.interchange.export import FORMATS, export_pipeline
+from ldm.interchange.posthoc_ema import apply_posthoc_ema
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
-from ldm.tools.export import FORMATS, export_pipeline
-from ldm.training.posthoc_ema import apply_posthoc_ema
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -19,7 +19,8 @@ import re
 import time
 from pathlib import Path
 
-from ldm.diffusion.samplers import SAMPLERS, TIMESTEP_SPACINGS
+from ldm.diffusion.sampling import SAMPLERS
+from ldm.diffusion.timesteps import TIMESTEP_SPACINGS
 from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
 from ldm.visualization import captioned_grid, to_pil_images
 

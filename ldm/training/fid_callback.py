@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.samplers import check_sampler
+from ldm.diffusion.sampling import check_sampler
 from ldm.evaluation.distributed import barrier
 from ldm.evaluation.evaluate import SamplingSettings, generate_and_score
 from ldm.evaluation.metrics import fid_from_features

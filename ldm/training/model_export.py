@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from ldm.tools.export import check_exportable, export_pipeline
+
+from ldm.interchange.export import check_exportable, export_pipeline
 from ldm.training.fsdp import whole_pipeline
 from ldm.training.lora_training import write_run_lora
 

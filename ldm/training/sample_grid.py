@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from ldm.config_check import check_number
-from ldm.diffusion.samplers import check_sampler
+from ldm.diffusion.sampling import check_sampler
 from ldm.training.fsdp import whole_pipeline
 from ldm.pipeline import TextToImagePipeline
 from ldm.visualization import captioned_grid, to_pil_images

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from IPython.display import display
 
-from ldm.data.shards import expand_shards, image_text_dataset
+from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import ensure_synthetic_dataset
+from ldm.data.tars import expand_shards
 from ldm.evaluation.metrics import PooledPixelFeatures, distribution_metrics
 from ldm.evaluation.prompt_adherence import adherence_rates
 from ldm.evaluation.reference import extract_features, read_image_caption_set

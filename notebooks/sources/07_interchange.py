@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 7. Interchange: the notebook's model in diffusers
 #
-# A model trained with ldm is not locked in. `ldm.tools.export.export_module` writes it as a diffusers
+# A model trained with ldm is not locked in. `ldm.interchange.export.export_module` writes it as a diffusers
 # folder (U-Net, VAE, CLIP text encoder and tokenizer, a DDIM scheduler with the run's noise schedule)
 # that diffusers' own `StableDiffusionPipeline` loads with no ldm code at all. This notebook exports the
 # demo model (trained briefly by `tiny_model.py`), generates with both libraries from the same initial
@@ -20,7 +20,7 @@ import torch
 import transformers
 from IPython.display import display
 
-from ldm.tools.export import export_module
+from ldm.interchange.export import export_module
 from ldm.visualization import captioned_grid, to_pil_images
 from tiny_model import tiny_model
 

@@ -93,10 +93,11 @@ def test_square_batches_carry_the_sizes_too(aspect_shards):
 
 
 def test_latents_are_stored_at_their_bucket_and_batched_by_shape(aspect_shards, tmp_path):
-    from ldm.tools import precompute_latents
+    from ldm.data.precompute import precompute_latents
+    from ldm.tools.precompute_latents import build
 
-    vae, _, _ = precompute_latents.build("configs/model/vae/tiny.yaml")
-    summary = precompute_latents.precompute_latents(
+    vae, _, _ = build("configs/model/vae/tiny.yaml")
+    summary = precompute_latents(
         str(aspect_shards[0]), tmp_path, vae, 48, {"vae": "tiny"}, batch_size=4,
         buckets=resolve_buckets(BUCKETS, 48))
     assert summary["written"] == 1 and json.loads((tmp_path / "latents.json").read_text())["vae"] == "tiny"

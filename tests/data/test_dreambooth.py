@@ -52,7 +52,7 @@ def test_dreambooth_run_draws_class_images_once_and_reuses_them(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from ldm.config import instantiate_module, register_resolvers
-    from ldm.tools.export import export_module
+    from ldm.interchange.export import export_module
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

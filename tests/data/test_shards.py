@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.shards import collate_samples, image_text_dataset, read_tar_samples
+from ldm.data.collate import collate_samples
+from ldm.data.shards import image_text_dataset
+from ldm.data.tars import read_tar_samples
 from ldm.data.skips import SkipCounter
 
 

@@ -37,7 +37,7 @@ from ldm.diffusion.flow_matching import (
 )
 from ldm.diffusion.karras import sample_karras
 from ldm.diffusion.objectives import x0_and_eps_from_prediction
-from ldm.diffusion.samplers import sample
+from ldm.diffusion.sampling import sample
 
 MU, STD = 0.5, 1.0
 Z = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).view(3, 1, 1, 1)

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from ldm.diffusion.objectives import PREDICTION_TYPES
-from ldm.diffusion.samplers import make_timesteps, sample, sample_ddim
+from ldm.diffusion.samplers import sample_ddim
+from ldm.diffusion.sampling import sample
+from ldm.diffusion.timesteps import make_timesteps
 from ldm.diffusion.schedules import NoiseSchedule
 
 SD_SCHEDULE = NoiseSchedule("scaled_linear")

@@ -13,15 +13,13 @@ import pytest
 import torch
 
 from ldm.diffusion.samplers import (
-    dpm_solver_timesteps_and_sigmas,
-    euler_timesteps_and_sigmas,
-    make_timesteps,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
 )
+from ldm.diffusion.timesteps import dpm_solver_timesteps_and_sigmas, euler_timesteps_and_sigmas, make_timesteps
 
 from .conftest import initial_noise, linear_fake_model
 

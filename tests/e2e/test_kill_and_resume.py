@@ -35,7 +35,7 @@ def lora_run(root: Path) -> tuple[str, ...]:
     from hydra import compose, initialize_config_dir
 
     from ldm.config import instantiate_module, register_resolvers
-    from ldm.tools.export import export_module
+    from ldm.interchange.export import export_module
 
     base = root / "base"
     if not base.exists():

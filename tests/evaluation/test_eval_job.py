@@ -126,7 +126,7 @@ def test_eval_job_reports_intervals_manifold_memorization_seeds_comparison_and_s
 def test_posthoc_ema_tool_writes_a_model_that_loads_with_the_synthesized_unet(tiny_checkpoint, tmp_path):
     from ldm.pipeline import TextToImagePipeline
     from ldm.tools.posthoc_ema import main
-    from ldm.training.posthoc_ema import synthesize_state
+    from ldm.interchange.posthoc_ema import synthesize_state
 
     write_snapshots(tiny_checkpoint, tmp_path / "snapshots")
     out = main(["--model", str(tiny_checkpoint), "--snapshots", str(tmp_path / "snapshots"), "--sigma-rel", "0.08",

@@ -9,7 +9,8 @@ import torch
 from ldm.interchange.clip_text import used_text_keys
 from ldm.interchange.diffusers_folder import read_diffusers_folder
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.export import export_module, main as export_main
+from ldm.interchange.export import export_module
+from ldm.tools.export import main as export_main
 
 from .conftest import assert_same_tensors, build_module, tiny_module
 

@@ -14,7 +14,7 @@ from ldm.checkpoints import read_state_dict
 from ldm.config import register_resolvers
 from ldm.interchange.clip_text import used_text_keys
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.export import export_module
+from ldm.interchange.export import export_module
 
 from .conftest import ROOT, assert_same_tensors, tiny_module
 

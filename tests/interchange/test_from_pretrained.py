@@ -21,7 +21,7 @@ from ldm.interchange.original_configs import unet_config_from_weights, vae_confi
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.export import export_pipeline
+from ldm.interchange.export import export_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle on a white background", "a blue square on a gray background"]

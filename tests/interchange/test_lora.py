@@ -10,7 +10,8 @@ from ldm.checkpoints import CheckpointMismatchError, read_state_dict, save_weigh
 from ldm.interchange.diffusers_folder import read_diffusers_folder
 from ldm.interchange.lora_files import LoraNames, LoraWeights, read_lora_file, write_lora_file
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.export import export_module, main as export_main
+from ldm.interchange.export import export_module
+from ldm.tools.export import main as export_main
 from ldm.training.lora import LoraError, trainable_fraction, without_adapters
 from ldm.training.lora_training import check_lora_checkpoint, module_adapters
 

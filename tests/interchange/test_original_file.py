@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 from ldm.checkpoints import CheckpointMismatchError, read_state_dict
 from ldm.interchange.clip_text import used_text_keys
 from ldm.interchange.original_file import split_original_checkpoint
-from ldm.tools.export import export_module
+from ldm.interchange.export import export_module
 
 from .conftest import assert_same_tensors, build_module, tiny_module
 

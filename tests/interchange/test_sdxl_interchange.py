@@ -12,7 +12,7 @@ import torch
 from ldm.checkpoints import read_state_dict, save_weights
 from ldm.interchange.load_model import load_model
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.export import export_module, export_pipeline
+from ldm.interchange.export import export_module, export_pipeline
 
 from .conftest import assert_same_tensors, tiny_module
 

@@ -123,7 +123,7 @@ def test_exported_flow_and_edm_models_load_back_with_their_objective(tmp_path, o
     EDMEulerScheduler), an SD file in its metadata; from_pretrained reads it back, so the reloaded model
     samples as the original does."""
     from ldm.pipeline import TextToImagePipeline
-    from ldm.tools.export import export_pipeline
+    from ldm.interchange.export import export_pipeline
 
     overrides = [f"model/objective={objective}"]
     module = tiny_module(*overrides, *(["model.objective.shift=2.0"] if objective == "flow" else []))

@@ -9,7 +9,8 @@ from ema_pytorch.post_hoc_ema import KarrasEMA
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.training.posthoc_ema import PostHocEMASnapshots, synthesize_state
+from ldm.interchange.posthoc_ema import synthesize_state
+from ldm.training.posthoc_ema import PostHocEMASnapshots
 
 # A noisy regression: SGD keeps the weights wandering, so EMAs of different lengths differ clearly.
 STEPS, EVERY, SIGMA_REL = 400, 10, 0.08

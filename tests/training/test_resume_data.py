@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ldm.data import shards as shards_module
+from ldm.data import stream as stream_module
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.resume import batches_per_worker, first_worker_after, load_indexed_sample, tar_index
-from ldm.data.shards import read_tar_samples
+from ldm.data.tars import read_tar_samples
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import ensure_synthetic_dataset
 
@@ -76,13 +76,13 @@ def test_datamodule_resumed_mid_epoch_continues_the_same_stream(square_spec, asp
     state = saved.state_dict()
 
     decoded = []
-    original = shards_module.ShardStream.decode_checked
+    original = stream_module.ShardStream.decode_checked
 
     def counting(self, raw, rng, counter):
         decoded.append(raw["__key__"])
         return original(self, raw, rng, counter)
 
-    monkeypatch.setattr(shards_module.ShardStream, "decode_checked", counting)
+    monkeypatch.setattr(stream_module.ShardStream, "decode_checked", counting)
     resumed = ShardDataModule(**settings)
     resumed.load_state_dict(state)
     got = [summary(b) for b in batches(resumed, epochs=2)]
