@@ -114,6 +114,9 @@ def load_model(
     ``lora``: a LoRA file (diffusers or kohya layout, ``ldm.interchange.lora_files``) merged into the weights
     at ``lora_scale``; a LoRA run's checkpoint is merged with its own adapters.
     """
+    unknown = sorted(set(model_config or {}) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"model_config names {unknown}: the components are {list(COMPONENTS)}")
     kind = source_kind(source)
     if kind == "diffusers":
         model = _from_diffusers_folder(Path(source), use_ema)

@@ -24,7 +24,7 @@ def test_non_square_sizes_give_images_of_that_size(pipeline):
 
 @pytest.mark.parametrize(("height", "width"), [(40, 32), (32, 36), (0, 32)])
 def test_a_size_the_factors_do_not_divide_is_refused_in_one_line_with_a_size_that_works(pipeline, height, width):
-    with pytest.raises(ValueError, match=r"multiples of 16 \(the VAE's factor 4 x the U-Net's 4\); e\.g\.") as error:
+    with pytest.raises(ValueError, match=r"multiples of 16 \(the VAE's factor 4 x the network's 4\); e\.g\.") as error:
         pipeline(["x"], height=height, width=width, **SETTINGS)
     assert "\n" not in str(error.value)
 

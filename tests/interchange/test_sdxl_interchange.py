@@ -60,7 +60,7 @@ def test_a_released_style_sdxl_file_loads_from_its_shapes_and_generates_ldms_ima
     # head counts and norm groups are what shapes do not tell (SD: 64-channel heads, 32 groups): the tiny
     # model's are given, with its VAE and schedule (the U-Net's depths and vector come from the shapes)
     pipeline = TextToImagePipeline.from_pretrained(bare, model_config={
-        "unet": {"num_head_channels": 16, "norm_num_groups": 8},
+        "network": {"num_head_channels": 16, "norm_num_groups": 8},
         **{name: module.model_config[name] for name in ("vae", "text_encoder", "noise_schedule")}})
     pipeline.latent_scale_factor = float(module.latent_scale_factor)
     ours = generate(module.pipeline())
@@ -139,7 +139,7 @@ def test_an_sdxl_file_starts_a_finetune_with_its_unet_vae_and_both_towers(tmp_pa
         assert torch.equal(ours.tower.transformer.resblocks[0].attn.in_proj_weight,
                            theirs.tower.transformer.resblocks[0].attn.in_proj_weight)
     # frozen towers that come from the file are left out of the run's checkpoints
-    assert "text_encoder." in finetune._weights_from_files()
+    assert "text_encoder." in finetune._prefixes_left_out()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ def test_a_family_added_by_a_module_and_a_config_trains_and_samples(tmp_path):
     assert state["ldm_model_config"]["network"]["_target_"] == "ldm.models.conv_denoiser.ConvDenoiser"
 
     # Step 4: the documented sampling code, on that checkpoint, in a process of its own.
-    (code,) = python_blocks(steps)
+    (code,) = [textwrap.dedent(block) for block in python_blocks(steps)]
     code = code.replace("outputs/train/demo/<time>/checkpoints/last.ckpt", str(checkpoint))
     probe = code + (
         "\nimport sys, torch\n"

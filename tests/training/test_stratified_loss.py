@@ -94,7 +94,7 @@ def test_the_stratified_loss_runs_for_every_objective(objective):
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5",
-                                          f"model/objective={objective}", "model.objective.loss_weighting=uniform",
+                                          f"model/objective={objective}",
                                           "model.validation.subset=1.0"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
