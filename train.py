@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from ldm.config import instantiate_group, instantiate_module, one_line_config_errors, register_resolvers
 from ldm.config_check import check_config
+from ldm.training.preemption import stop_signal_exit_status
 
 register_resolvers()
 
@@ -25,6 +26,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     # Checkpoints hold tensors and plain values only: resuming never runs code from the file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    status = stop_signal_exit_status(callbacks)
+    if status is not None:  # Ctrl-C or SIGTERM: last.ckpt holds the step it stopped at; not a finished run
+        raise SystemExit(status)
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 

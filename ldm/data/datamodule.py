@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +57,14 @@ def existing_shards(spec: str, name: str) -> list[str]:
                        name, len(missing), len(urls), missing[0])
     missing_set = set(missing)
     return [url for url in urls if url not in missing_set]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM, which reach them with the main process: the main process stops
+    after its step and writes a checkpoint, and needs the workers' batches until then (a worker that died of
+    the signal would end the run with an error instead). Workers still end with the main process."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -220,7 +229,8 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, dataset: ShardStream) -> DataLoader:
         # The stream batches (by bucket) in each worker; the loader only moves the batches.
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_stop_signals)
 
     def stream_options(self) -> dict[str, Any]:
         """Keyword arguments of ``ShardStream`` shared by training and validation."""
