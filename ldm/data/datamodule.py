@@ -20,7 +20,7 @@ from ldm.config_check import build_options
 from ldm.data.buckets import BUCKET_CROPS, BucketGrid, cover_scale, resolve_buckets
 from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters, caption_candidates
-from ldm.data.latents import LatentTextDataset
+from ldm.data.latents import LatentTextDataset, check_latent_manifests
 from ldm.data.resume import StreamPosition, batches_per_worker, first_worker_after
 from ldm.data.shards import (
     MODES,
@@ -372,6 +372,15 @@ class LatentShardDataModule(ShardDataModule):
                              "made at (precompute_latents --buckets); set data.buckets=null")
         super().__init__(train_shards=train_shards, val_shards=val_shards, **options)
         self.use_text_states = use_text_states
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard patterns, then hold them to their ``latents.json``: the resolution, text states and,
+        when the trainer's module reads its VAE from a file, that VAE (``check_latent_manifests``)."""
+        super().setup(stage)
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        vae_weights = (getattr(module, "frozen_files", None) or {}).get("vae_weights")
+        train = self.train_urls if self.train_shard_weights is None else [u for urls in self.train_urls for u in urls]
+        check_latent_manifests([*train, *(self.val_urls or [])], self.resolution, self.use_text_states, vae_weights)
 
     def dataset(self, urls: list, train: bool) -> ShardStream:
         """The training (``train``) or validation stream of latent samples over ``urls``."""

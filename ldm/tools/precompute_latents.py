@@ -45,6 +45,7 @@ from ldm.data.latents import MANIFEST_NAME, latent_sample_files
 from ldm.data.shards import SHARD_MTIME, ImageTextDataset, expand_shards
 from ldm.data.skips import SkipCounter
 from ldm.data.synthetic import ensure_synthetic_dataset
+from ldm.interchange.frozen_files import file_sha256
 from ldm.ranks import rank_and_world_size
 
 logger = logging.getLogger("ldm.tools.precompute_latents")
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_encoder, text_config, _ = build(args.text_encoder, args.text_encoder_weights)
     manifest = {
         "format": 1, "resolution": args.resolution, "vae": vae_config, "vae_weights": args.vae_weights,
+        # what training compares with model.vae_weights (a retrained VAE at the same path is another VAE)
+        "vae_sha256": file_sha256(args.vae_weights) if args.vae_weights else None,
+        "text_encoder_sha256": file_sha256(args.text_encoder_weights) if args.text_encoder_weights else None,
         "latent_scale_factor": float(vae_metadata["latent_scale_factor"]) if "latent_scale_factor" in vae_metadata
         else None,
         "text_encoder": text_config, "text_encoder_weights": args.text_encoder_weights,
