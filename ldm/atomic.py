@@ -83,3 +83,16 @@ def _remove_if_orphaned(temporary: Path) -> None:
     except PermissionError:
         return  # alive, owned by someone else
     _remove(temporary)
+
+
+def refuse_existing(path: str | os.PathLike, option: str, overwrite: bool = False) -> Path:
+    """``path``, unless something is there and ``overwrite`` is false: then ``FileExistsError`` in one line naming
+    it and ``option``, the option that allows replacing it (``--overwrite``, ``overwrite=true``).
+
+    Every writer of ldm's outputs (weights, exports, shards) calls this before it starts, so that nothing a user
+    or another run depends on is replaced silently (a retrained stage-1 VAE would orphan every checkpoint
+    recorded against its hash)."""
+    path = Path(path)
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{path} exists; set {option} to replace it, or write to another path")
+    return path

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import tarfile
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ldm.config_check import build_options
+from ldm.config_check import ConfigError, build_options
 from ldm.data.buckets import BUCKET_CROPS, BucketGrid, cover_scale, resolve_buckets
 from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters, caption_candidates
@@ -56,7 +57,26 @@ def existing_shards(spec: str, name: str) -> list[str]:
         logger.warning("data.%s: %d of %d shards do not exist and are left out (first: %s)",
                        name, len(missing), len(urls), missing[0])
     missing_set = set(missing)
-    return [url for url in urls if url not in missing_set]
+    found = [url for url in urls if url not in missing_set]
+    check_some_shard_is_a_tar([url for url in found if url in set(local)], f"data.{name}={spec!r}")
+    return found
+
+
+def check_some_shard_is_a_tar(paths: list[str], key: str) -> None:
+    """``ConfigError`` naming ``key`` and the first file when not one of the local ``paths`` is a tar archive
+    (empty files, other formats): nothing could be read from them. Stops at the first tar, so a long list of
+    good shards costs one open; a few bad shards among good ones are left to be skipped and counted."""
+    first_problem = None
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            first_problem = first_problem or f"{path} is an empty file"
+        elif tarfile.is_tarfile(path):
+            return
+        else:
+            first_problem = first_problem or f"{path} is not a tar archive"
+    if first_problem:
+        raise ConfigError(f"{key}: no shard is a readable tar archive ({first_problem}); point it at WebDataset "
+                          f"shards (python -m ldm.tools.make_shards makes them)")
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -23,6 +23,7 @@ adapters, of a LoRA run's checkpoint or of ``--lora FILE`` (converting its layou
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from ldm.interchange.diffusers_folder import check_sdxl_conditioner, write_diffu
 from ldm.interchange.original_file import original_checkpoint_state, write_original_checkpoint
 from ldm.models.conditioner import TextConditioner
 from ldm.pipeline import TextToImagePipeline
-from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
+from ldm.atomic import refuse_existing
+from ldm.tools.cli import ToolParser, add_model_arguments, add_overwrite_argument, load_pipeline, run_cli
 
 FORMATS = ("diffusers", "sd")
 LORA_FORMAT = "lora"
@@ -77,23 +79,36 @@ def export_module(module: Any, out: str | Path, format: str = "diffusers", use_e
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m ldm.tools.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m ldm.tools.export", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--format", choices=(*FORMATS, LORA_FORMAT), default="diffusers")
     parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd, lora) to write")
     parser.add_argument("--merge-lora", action="store_true", help="write the model with --lora merged in")
     parser.add_argument("--lora-layout", choices=LAYOUTS, default="diffusers", help="the layout of --format lora")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
+    refuse_existing(args.out, "--overwrite", args.overwrite)  # before the model is read, not after
     if args.format == LORA_FORMAT:
         return export_lora(args)
     if args.lora is not None and not args.merge_lora:
         raise ValueError(f"--lora {args.lora} with --format {args.format}: add --merge-lora to write the model with "
                          "the adapter merged in, or use --format lora to write the adapter alone")
     pipeline = load_pipeline(args)
+    if args.overwrite and args.format == "diffusers":
+        remove_output(args.out)  # a folder is written whole under a new name and cannot replace one in place
     path = export_pipeline(pipeline, args.out, format=args.format)
     print(f"wrote {path} ({args.format}, {'raw' if args.no_ema else 'EMA'} U-Net weights)")
     return path
+
+
+def remove_output(path: str | Path) -> None:
+    """Remove an output that ``--overwrite`` replaces (a folder with what it holds)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def export_lora(args: argparse.Namespace) -> Path:

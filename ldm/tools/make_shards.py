@@ -25,8 +25,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from ldm.atomic import atomic_write
+from ldm.atomic import atomic_write, refuse_existing
 from ldm.data.shards import SHARD_MTIME
+from ldm.tools.cli import ToolParser, add_overwrite_argument, positive_int, run_cli
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -86,11 +87,25 @@ def image_entry(path: Path) -> tuple[str, bytes, int, int]:
     return extension, data, width, height
 
 
-def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 10_000) -> dict:
-    """Write records to ``out_dir/{00000..}.tar``; returns ``{"samples", "shards", "skipped": {reason: count}}``."""
+def existing_shards(out_dir: Path) -> list[Path]:
+    """The shards a previous run wrote into ``out_dir`` (``NNNNN.tar``)."""
+    return sorted(p for p in out_dir.glob("*.tar") if p.stem.isdigit() and len(p.stem) == 5) if out_dir.is_dir() else []
+
+
+def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 10_000,
+                 overwrite: bool = False) -> dict:
+    """Write records to ``out_dir/{00000..}.tar``; returns ``{"samples", "shards", "skipped": {reason: count}}``.
+
+    A folder that holds shards already is refused (a new set would replace some of them and leave the rest);
+    ``overwrite`` removes them first."""
     if samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard {samples_per_shard} must be positive")
     out_dir = Path(out_dir)
+    previous = existing_shards(out_dir)
+    if previous:
+        refuse_existing(out_dir, "--overwrite", overwrite)  # holds shards: a new set would mix with them
+        for shard in previous:
+            shard.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(samples_per_shard - 1)))
     skipped: Counter[str] = Counter()
@@ -135,30 +150,42 @@ def readable_entries(records: Iterable[dict], skipped: Counter[str]) -> Iterator
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m ldm.tools.make_shards", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images-dir", help="a folder of images with NAME.txt captions beside them")
     source.add_argument("--csv", help="a CSV (or .parquet) file with image paths and captions")
     parser.add_argument("--path-column", default="path")
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--samples-per-shard", type=positive_int, default=10_000)
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.images_dir:
         if not Path(args.images_dir).is_dir():
-            raise SystemExit(f"--images-dir {args.images_dir} is not a folder")
+            raise FileNotFoundError(f"--images-dir {args.images_dir} is not a folder")
         records = folder_records(args.images_dir)
     else:
         table = Path(args.csv)
         if not table.is_file():
-            raise SystemExit(f"--csv {table} does not exist")
-        records = table_records(read_table(table), table.parent, args.path_column, args.caption_column)
-    summary = write_shards(records, args.out_dir, args.samples_per_shard)
+            raise FileNotFoundError(f"--csv {table} does not exist")
+        rows = read_table(table)
+        missing = [f"{option} {name!r}" for option, name in (("--path-column", args.path_column),
+                                                             ("--caption-column", args.caption_column))
+                   if rows and name not in rows[0]]
+        if missing:
+            raise ValueError(f"--csv {table} has no column {' and no column '.join(missing)}; its columns: "
+                             f"{', '.join(map(str, rows[0]))}")
+        records = table_records(rows, table.parent, args.path_column, args.caption_column)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise NotADirectoryError(f"--out-dir {args.out_dir} is a file, not a folder")
+    summary = write_shards(records, args.out_dir, args.samples_per_shard, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     if summary["samples"] == 0:
-        raise SystemExit("no sample was written: check the captions and image paths")
+        raise ValueError(f"no sample was written ({summary['skipped'] or 'no input'}): check the captions and "
+                         "image paths")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
