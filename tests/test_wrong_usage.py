@@ -174,7 +174,7 @@ TOOL_CASES = {
     "make_shards missing images dir": (make_shards, "--images-dir {root}/gone --out-dir {root}/s0", "gone", None),
     "make_shards missing table": (make_shards, "--csv {root}/gone.csv --out-dir {root}/s0", "gone.csv", None),
     "make_shards table without the column": (make_shards, "--csv {table} --out-dir {root}/s0",
-                                             "no column --path-column 'path'", None),
+                                             "has no column 'path' (--path-column)", None),
     "make_shards nothing captioned": (make_shards, "--images-dir {uncaptioned} --out-dir {root}/s1",
                                       "no sample was written ({'missing_caption': 1})", None),
     "make_shards into shards": (make_shards, "--images-dir {images} --out-dir {shards}",

@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not table.is_file():
             raise FileNotFoundError(f"--csv {table} does not exist")
         rows = read_table(table)
-        missing = [f"{option} {name!r}" for option, name in (("--path-column", args.path_column),
-                                                             ("--caption-column", args.caption_column))
+        missing = [f"{name!r} ({option})" for option, name in (("--path-column", args.path_column),
+                                                               ("--caption-column", args.caption_column))
                    if rows and name not in rows[0]]
         if missing:
-            raise ValueError(f"--csv {table} has no column {' and no column '.join(missing)}; its columns: "
-                             f"{', '.join(map(str, rows[0]))}")
+            raise ValueError(f"--csv {table} has no column {' and no column '.join(missing)}; set --path-column and "
+                             f"--caption-column to two of its columns: {', '.join(map(str, rows[0]))}")
         records = table_records(rows, table.parent, args.path_column, args.caption_column)
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise NotADirectoryError(f"--out-dir {args.out_dir} is a file, not a folder")

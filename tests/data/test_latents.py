@@ -181,22 +181,27 @@ def train_entry():
     return module
 
 
-def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
+def latent_run_config(latent_dir, tmp_path, *overrides: str):
+    """A tiny train.py config on the latent shards of ``latent_dir``, its run folder under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
             "experiment=demo", "data=latents", f"data.train_shards='{latent_dir}/train-{{000000..000002}}.tar'",
             "data.resolution=32", "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8",
-            "callbacks=default", "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0", "logger=none",
-            "model.vae_weights=null", "model.latent_scale_factor=0.5", "trainer.max_steps=4",
-            "trainer.limit_val_batches=0", "trainer.max_time=null", "trainer.enable_progress_bar=false",
-            "ckpt_path=null",
+            "callbacks=default", "logger=none", "trainer.limit_val_batches=0", "trainer.max_time=null",
+            "trainer.enable_progress_bar=false", "ckpt_path=null", *overrides,
         ])
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
         del cfg.hydra
+    return cfg
+
+
+def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
+    cfg = latent_run_config(latent_dir, tmp_path, "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0",
+                            "model.vae_weights=null", "model.latent_scale_factor=0.5", "trainer.max_steps=4")
     metrics = train_entry().train(cfg)
     assert metrics["perf/latents_per_s"] > 0 and metrics["perf/images_per_s"] == metrics["perf/latents_per_s"]
     assert metrics["perf/unet_tflops"] > 0
@@ -271,21 +276,8 @@ def test_training_with_another_vae_than_the_latents_was_made_with_is_refused_nam
     other = str(save_weights(other_vae, tmp_path / "other_vae.safetensors", {"latent_scale_factor": 0.5}))
     made_with = json.loads((latent_dir / "latents.json").read_text())["vae_sha256"]
     assert made_with == file_sha256(vae_weights) != file_sha256(other)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[
-            "experiment=demo", "data=latents", f"data.train_shards='{latent_dir}/train-{{000000..000002}}.tar'",
-            "data.resolution=32", "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8",
-            "data.use_text_states=true",
-            "callbacks=default", "logger=none", f"model.vae_weights={other}", "trainer.max_steps=2",
-            "trainer.limit_val_batches=0", "trainer.max_time=null", "trainer.enable_progress_bar=false",
-            "ckpt_path=null",
-        ])
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        del cfg.hydra
+    cfg = latent_run_config(latent_dir, tmp_path, "data.use_text_states=true", f"model.vae_weights={other}",
+                            "trainer.max_steps=2")
     with pytest.raises(ConfigError, match=f"model.vae_weights={other} has sha256 {file_sha256(other)}.*"
                                           f"made with {vae_weights} of sha256 {made_with}"):
         train_entry().train(cfg)

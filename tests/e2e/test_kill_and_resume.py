@@ -59,6 +59,18 @@ def environment(root: Path) -> dict[str, str]:
     return dict(os.environ, LDM_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
 
 
+def start_and_wait_for_step_8(run_dir: Path, env: dict[str, str], extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The training job (its own process group) started into ``run_dir``, once it has written step 8's checkpoint."""
+    process = subprocess.Popen(train_command(run_dir, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_000008.ckpt").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run to be interrupted wrote no step-8 checkpoint in time"
+        time.sleep(0.02)
+    return process
+
+
 def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
@@ -77,13 +89,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant, aspect_sha
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(killed, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_000008.ckpt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run to be killed wrote no step-8 checkpoint in time"
-        time.sleep(0.02)
+    process = start_and_wait_for_step_8(killed, env, extra)
     os.killpg(process.pid, signal.SIGKILL)  # the whole job, dataloader workers included
     process.wait()
     assert not (killed / "checkpoints" / "step_000020.ckpt").exists(), "the run finished before it was killed"
@@ -130,13 +136,7 @@ def test_ctrl_c_between_checkpoints_writes_last_ckpt_that_resumes_to_the_same_we
     assert result.returncode == 0, result.stderr[-3000:]
 
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen(train_command(stopped), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (stopped / "checkpoints" / "step_000008.ckpt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run to be stopped wrote no step-8 checkpoint in time"
-        time.sleep(0.02)
+    process = start_and_wait_for_step_8(stopped, env)
     os.killpg(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=300)[1].decode()
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
