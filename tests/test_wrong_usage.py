@@ -283,3 +283,15 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_both_configs():
         check_resumable(checkpoint, state, {"unet": {"model_channels": 64, "num_heads": 4}}, "a.ckpt")
     check_resumable({"state_dict": saved, "ldm_model_config": checkpoint["ldm_model_config"]}, saved,
                     {"unet": {"model_channels": 32, "num_heads": 4, "use_checkpoint": True}})  # fits: no error
+
+
+def test_overwrite_replaces_a_folder_of_shards_whole(inputs, tmp_path):
+    """The option the refusal names does what it says: the old set goes, none of its shards is left beside the new."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    for index in range(3):
+        write_tar(out / f"{index:05d}.tar", {"000.txt": b"old"})
+    summary = make_shards.main(["--images-dir", str(inputs["images"]), "--out-dir", str(out), "--overwrite"])
+    assert summary["shards"] == 1 and sorted(p.name for p in out.iterdir()) == ["00000.tar"]
+    with tarfile.open(out / "00000.tar") as tar:
+        assert b"a black square" in [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".txt")]
