@@ -6,8 +6,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm.config import one_line_config_errors, register_resolvers
-from ldm.config_check import check_config
+from ldm.config import check_run_config, one_line_config_errors, register_resolvers
 from ldm.evaluation.job import run_evaluation
 
 register_resolvers()
@@ -16,7 +15,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     with one_line_config_errors():
-        check_config(cfg)  # every key and value type against its constructor, before anything is built
+        check_run_config(cfg, "eval")  # every key, value type and number, before anything is built
         fabric = L.Fabric(**cfg.fabric)
         fabric.launch()
         results = run_evaluation(cfg, device=fabric.device)

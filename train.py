@@ -6,15 +6,15 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm.config import instantiate_group, instantiate_module, one_line_config_errors, register_resolvers
-from ldm.config_check import check_config
+from ldm.config import check_run_config, instantiate_group, instantiate_module, one_line_config_errors, register_resolvers
+from ldm.training.preemption import stop_signal_exit_status
 
 register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured module on the configured data; returns the final logged metrics."""
-    check_config(cfg)  # every key and value type against its constructor, before anything is built
+    check_run_config(cfg, "train")  # every key, value type and number, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = instantiate_module(cfg.model)
@@ -25,6 +25,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     # Checkpoints hold tensors and plain values only: resuming never runs code from the file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    status = stop_signal_exit_status(callbacks)
+    if status is not None:  # Ctrl-C or SIGTERM: last.ckpt holds the step it stopped at; not a finished run
+        raise SystemExit(status)
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 

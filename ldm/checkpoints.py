@@ -116,3 +116,39 @@ def save_weights(module: nn.Module | dict[str, Tensor], path: str | Path, metada
     with atomic_write(path) as temporary:
         save_file(tensors, str(temporary), metadata=text_metadata)
     return path
+
+
+def _flat(config: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return {k: v for name, value in config.items() for k, v in _flat(value, f"{prefix}.{name}").items()}
+    return {prefix: config}
+
+
+def check_resumable(checkpoint: dict[str, Any], state: dict[str, Tensor], model_config: dict[str, Any] | None,
+                    path: str | Path | None = None) -> None:
+    """Refuse in one line a checkpoint whose weights do not fit the module that resumes from it (``state``, the
+    module's state dict): instead of torch's list of misshapen keys, the line names the model config keys that
+    differ, the checkpoint's value (from the ``ldm_model_config`` it records) and the run's, both.
+
+    Keys the checkpoint leaves out (frozen parts, a LoRA run's base weights) are not compared. The call site
+    is the module's ``on_load_checkpoint``, before Lightning loads the state dict."""
+    saved = checkpoint.get("state_dict", {})
+    misfits = sorted(key for key, tensor in saved.items()
+                     if key in state and tuple(state[key].shape) != tuple(getattr(tensor, "shape", ())))
+    # a LoRA run's checkpoint holds its adapters alone: keys the checkpoint lacks are not a misfit
+    unexpected = sorted(key for key in saved if key.startswith(("network.", "ema_network.")) and key not in state)
+    if not misfits and not unexpected:
+        return
+    where = f"ckpt_path={path}" if path is not None else "the checkpoint"
+    recorded, current = _flat(checkpoint.get("ldm_model_config") or {}, "model"), _flat(model_config or {}, "model")
+    differing = [key for key in sorted(set(recorded) | set(current))
+                 if recorded.get(key) != current.get(key) and not key.endswith("._target_")]
+    if differing:
+        shown = "; ".join(f"{key}={recorded.get(key)!r} there, {current.get(key)!r} here" for key in differing[:4])
+        raise CheckpointMismatchError(f"{where} is of another architecture ({shown}); resume with the checkpoint's "
+                                      "model config, or start a new run (ckpt_path=null)")
+    first = (misfits or unexpected)[0]
+    detail = (f"{first} is {tuple(saved[first].shape)} there, {tuple(state[first].shape)} here" if misfits
+              else f"this model has no {first}")
+    raise CheckpointMismatchError(f"{where} does not fit this model ({detail}); resume with the checkpoint's "
+                                  "model config, or start a new run (ckpt_path=null)")

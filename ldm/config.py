@@ -14,9 +14,10 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.config_check import ConfigError
+from ldm.config_check import ConfigError, check_config, check_root_keys, check_run_numbers
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = _PACKAGE_DIR.parent / "configs"
 
 
 def wandb_offline() -> bool:
@@ -28,6 +29,14 @@ def register_resolvers() -> None:
     """Register the ``${ldm.*:}`` resolvers the configs use (idempotent)."""
     if not OmegaConf.has_resolver("ldm.wandb_offline"):
         OmegaConf.register_new_resolver("ldm.wandb_offline", wandb_offline)
+
+
+def check_run_config(cfg: DictConfig, config_name: str) -> None:
+    """Every start-up check of a composed ``config_name`` config (train, eval), before anything is built: no
+    unknown top-level key, every ``_target_`` node's keys and types (``check_config``), the run's numbers."""
+    check_root_keys(cfg, CONFIG_DIR / f"{config_name}.yaml")
+    check_config(cfg)
+    check_run_numbers(cfg)
 
 
 def instantiate_module(model_cfg: DictConfig) -> Any:
@@ -55,12 +64,13 @@ def config_error_message(error: BaseException) -> str | None:
     """One line for a configuration error (a bad key or value, a missing file), else None (a bug).
 
     Hydra's ``InstantiationException`` is unwrapped to the error it wraps. Configuration errors are
-    ``ConfigError``, ``FileNotFoundError``, OmegaConf's errors, and ``ValueError`` raised in ldm's
+    ``ConfigError``, ``FileNotFoundError``, ``FileExistsError`` (an output that ``overwrite=true`` would
+    replace), OmegaConf's errors, and ``ValueError`` raised in ldm's
     own code (whose messages name the key); any other exception is left to show its traceback.
     """
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
-    if not (isinstance(error, (ConfigError, FileNotFoundError, OmegaConfBaseException))
+    if not (isinstance(error, (ConfigError, FileNotFoundError, FileExistsError, OmegaConfBaseException))
             or (isinstance(error, ValueError) and _raised_in_ldm(error))):
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -226,3 +226,49 @@ def check_config(cfg: DictConfig, key: str = "") -> None:
         child = cfg[name]
         if isinstance(child, (DictConfig, ListConfig)):
             check_config(child, f"{key}.{name}" if key else str(name))
+
+
+def check_root_keys(cfg: DictConfig, config_file: str | pathlib.Path) -> None:
+    """Refuse a top-level key that the primary config ``config_file`` (train.yaml, eval.yaml) neither sets nor
+    composes from a group (``+ckpt_pth=...``, a typo of ckpt_path), as a nested unknown key is refused."""
+    primary = OmegaConf.load(config_file)
+    known = {str(name) for name in primary if name != "defaults"} | {"hydra"}
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, (DictConfig, dict)):
+            for group in entry:
+                group = str(group).removeprefix("override ")
+                known.add(group.split("@", 1)[1] if "@" in group else group.split("/", 1)[0])
+    for name in cfg:
+        if str(name) not in known:
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{name} is not a key of {pathlib.Path(config_file).name}; {hint}its keys: "
+                              f"{', '.join(sorted(known - {'hydra'}))}")
+
+
+# Lightning Trainer arguments that are numbers: (minimum, strict); -1 is Lightning's "no limit" where allowed.
+_TRAINER_NUMBERS = {
+    "max_steps": (1, False), "max_epochs": (1, False), "min_steps": (0, False), "min_epochs": (0, False),
+    "val_check_interval": (0, True), "check_val_every_n_epoch": (1, False), "log_every_n_steps": (1, False),
+    "accumulate_grad_batches": (1, False), "gradient_clip_val": (0, False), "num_nodes": (1, False),
+    "limit_train_batches": (0, False), "limit_val_batches": (0, False), "num_sanity_val_steps": (0, False),
+}
+_NO_LIMIT = {"max_steps", "max_epochs", "num_sanity_val_steps"}
+
+
+def check_run_numbers(cfg: DictConfig) -> None:
+    """The numbers of a run that no ldm constructor checks: ``seed`` and the Lightning Trainer's step counts,
+    intervals and limits (finite, in range), each refused naming its key (``trainer.max_steps=0`` is refused
+    as such, not later as a learning-rate schedule without steps)."""
+    if "seed" in cfg and cfg.seed is not None:
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+            raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+        check_number("seed", cfg.seed, minimum=0, maximum=2**32 - 1)
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    for name, (minimum, strict) in _TRAINER_NUMBERS.items():
+        value = trainer.get(name)
+        if value is None or (name in _NO_LIMIT and value == -1):
+            continue
+        check_number(f"trainer.{name}", value, minimum=minimum, strict_minimum=strict)

@@ -51,3 +51,20 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_written_files_keep_the_permissions_the_umask_gives(tmp_path):
+    """Weights written through a temporary file get the mode any new file gets (0o666 less the umask), not a
+    temporary file's 0o600, so a group that reads the models folder can read a retrained VAE too."""
+    import os
+
+    import torch
+
+    from ldm.checkpoints import save_weights
+
+    previous = os.umask(0o027)
+    try:
+        path = save_weights({"weight": torch.zeros(2)}, tmp_path / "vae.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640

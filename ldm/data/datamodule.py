@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import signal
+import tarfile
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -15,11 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ldm.config_check import build_options
+from ldm.config_check import ConfigError, build_options
 from ldm.data.buckets import BUCKET_CROPS, BucketGrid, cover_scale, resolve_buckets
 from ldm.data.distributed import EndTogether
 from ldm.data.filters import MetadataFilters, caption_candidates
-from ldm.data.latents import LatentTextDataset
+from ldm.data.latents import LatentTextDataset, check_latent_manifests
 from ldm.data.resume import StreamPosition, batches_per_worker, first_worker_after
 from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
@@ -51,7 +53,34 @@ def existing_shards(spec: str, name: str) -> list[str]:
         logger.warning("data.%s: %d of %d shards do not exist and are left out (first: %s)",
                        name, len(missing), len(urls), missing[0])
     missing_set = set(missing)
-    return [url for url in urls if url not in missing_set]
+    found = [url for url in urls if url not in missing_set]
+    check_some_shard_is_a_tar([url for url in found if url in set(local)], f"data.{name}={spec!r}")
+    return found
+
+
+def check_some_shard_is_a_tar(paths: list[str], key: str) -> None:
+    """``ConfigError`` naming ``key`` and the first file when not one of the local ``paths`` is a tar archive
+    (empty files, other formats): nothing could be read from them. Stops at the first tar, so a long list of
+    good shards costs one open; a few bad shards among good ones are left to be skipped and counted."""
+    first_problem = None
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            first_problem = first_problem or f"{path} is an empty file"
+        elif tarfile.is_tarfile(path):
+            return
+        else:
+            first_problem = first_problem or f"{path} is not a tar archive"
+    if first_problem:
+        raise ConfigError(f"{key}: no shard is a readable tar archive ({first_problem}); point it at WebDataset "
+                          f"shards (python -m ldm.tools.make_shards makes them)")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM, which reach them with the main process: the main process stops
+    after its step and writes a checkpoint, and needs the workers' batches until then (a worker that died of
+    the signal would end the run with an error instead). Workers still end with the main process."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -216,7 +245,8 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, dataset: ShardStream) -> DataLoader:
         # The stream batches (by bucket) in each worker; the loader only moves the batches.
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_stop_signals)
 
     def stream_options(self) -> dict[str, Any]:
         """Keyword arguments of ``ShardStream`` shared by training and validation."""
@@ -358,6 +388,15 @@ class LatentShardDataModule(ShardDataModule):
                              "made at (precompute_latents --buckets); set data.buckets=null")
         super().__init__(train_shards=train_shards, val_shards=val_shards, **options)
         self.use_text_states = use_text_states
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard patterns, then hold them to their ``latents.json``: the resolution, text states and,
+        when the trainer's module reads its VAE from a file, that VAE (``check_latent_manifests``)."""
+        super().setup(stage)
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        vae_weights = (getattr(module, "frozen_files", None) or {}).get("vae_weights")
+        train = self.train_urls if self.train_shard_weights is None else [u for urls in self.train_urls for u in urls]
+        check_latent_manifests([*train, *(self.val_urls or [])], self.resolution, self.use_text_states, vae_weights)
 
     def dataset(self, urls: list, train: bool) -> ShardStream:
         """The training (``train``) or validation stream of latent samples over ``urls``."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from ldm.atomic import atomic_write
+from ldm.atomic import atomic_write, refuse_existing
 from ldm.data.tars import SHARD_MTIME
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -66,11 +66,25 @@ def image_entry(path: Path) -> tuple[str, bytes, int, int]:
     return extension, data, width, height
 
 
-def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 10_000) -> dict:
-    """Write records to ``out_dir/{00000..}.tar``; returns ``{"samples", "shards", "skipped": {reason: count}}``."""
+def existing_shards(out_dir: Path) -> list[Path]:
+    """The shards a previous run wrote into ``out_dir`` (``NNNNN.tar``)."""
+    return sorted(p for p in out_dir.glob("*.tar") if p.stem.isdigit() and len(p.stem) == 5) if out_dir.is_dir() else []
+
+
+def write_shards(records: Iterable[dict], out_dir: str | Path, samples_per_shard: int = 10_000,
+                 overwrite: bool = False) -> dict:
+    """Write records to ``out_dir/{00000..}.tar``; returns ``{"samples", "shards", "skipped": {reason: count}}``.
+
+    A folder that holds shards already is refused (a new set would replace some of them and leave the rest);
+    ``overwrite`` removes them first."""
     if samples_per_shard <= 0:
         raise ValueError(f"--samples-per-shard {samples_per_shard} must be positive")
     out_dir = Path(out_dir)
+    previous = existing_shards(out_dir)
+    if previous:
+        refuse_existing(out_dir, "--overwrite", overwrite)  # holds shards: a new set would mix with them
+        for shard in previous:
+            shard.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     digits = max(4, len(str(samples_per_shard - 1)))
     skipped: Counter[str] = Counter()

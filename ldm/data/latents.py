@@ -7,22 +7,28 @@ so training still draws ``mean + std * eps`` like the VAE path), optionally ``KE
 concatenated) and ``KEY.text_pooled.npy`` (an SDXL-class conditioner's pooled embedding, (P,) float16),
 ``KEY.txt`` and ``KEY.json`` (the image's metadata plus ``original_size``, ``crop_coords`` and
 ``target_size``, the pixel size it was encoded at: its bucket's). A folder of latent shards holds
-``latents.json``: the VAE and text encoder configs, the resolution and the buckets they were made with.
+``latents.json``: the VAE and text encoder configs, their weights files' paths and sha256, the resolution and
+the buckets they were made with; ``check_latent_manifests`` holds a training run to them.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ldm.config_check import ConfigError
 from ldm.data.stream import ShardStream
 from ldm.data.skips import SkipCounter
 
 MANIFEST_NAME = "latents.json"
+logger = logging.getLogger(__name__)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -145,3 +151,54 @@ def sample_latents(latent_mean: torch.Tensor, latent_std: torch.Tensor, sample_p
     if not sample_posterior:
         return latent_mean
     return latent_mean + latent_std * torch.randn_like(latent_mean)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A latent folder's ``latents.json``; ``ConfigError`` naming the file when it is not a JSON mapping."""
+    try:
+        manifest = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as error:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise ConfigError(f"{path} is unreadable ({reason}); make the latents again with "
+                          "python -m ldm.tools.precompute_latents into a new --out-dir") from error
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} holds {type(manifest).__name__}, not the mapping precompute_latents writes")
+    return manifest
+
+
+def check_latent_manifests(urls: Sequence[str], resolution: int, use_text_states: bool,
+                           vae_weights: Mapping[str, Any] | None = None) -> None:
+    """Refuse to train on latent shards made with other settings than the run's, naming the key to change.
+
+    ``urls``: the local latent shards; each folder's ``latents.json`` is compared with ``resolution``
+    (``data.resolution``), ``use_text_states`` (``data.use_text_states``: the shards must hold text states) and
+    ``vae_weights``, the run's ``model.latents.vae_weights`` record (``describe_file``: path and sha256). Latents made by
+    another VAE are refused naming both hashes: the model's decoder could not read them. A folder without a
+    manifest (shards written by other means) is not checked; one from before hashes were kept is warned about.
+    """
+    folders = sorted({os.path.dirname(os.path.abspath(url)) for url in urls if os.path.isfile(url)})
+    for folder in folders:
+        path = os.path.join(folder, MANIFEST_NAME)
+        if not os.path.isfile(path):
+            continue
+        manifest = read_manifest(path)
+        made_at = manifest.get("resolution")
+        if made_at is not None and made_at != resolution:
+            raise ConfigError(f"data.resolution={resolution}, but the latents in {folder} were made at resolution "
+                              f"{made_at} ({path}); set data.resolution={made_at}, or precompute them at {resolution}")
+        if use_text_states and manifest.get("text_encoder", True) is None:
+            raise ConfigError(f"data.use_text_states=true, but the latents in {folder} hold no text states (made "
+                              f"without --text-encoder, {path}); set data.use_text_states=false or precompute them "
+                              "with --text-encoder")
+        if vae_weights is None:
+            continue
+        if "vae_sha256" not in manifest:
+            logger.warning("%s records no VAE hash (made before hashes were kept): model.latents.vae_weights=%s is not "
+                           "checked against the VAE that made these latents", path, vae_weights["path"])
+            continue
+        made_with = manifest["vae_sha256"]
+        if made_with != vae_weights["sha256"]:
+            raise ConfigError(
+                f"model.latents.vae_weights={vae_weights['path']} has sha256 {vae_weights['sha256']}, but the latents in "
+                f"{folder} were made with {manifest.get('vae_weights') or 'a VAE without weights file'} of sha256 "
+                f"{made_with} ({path}); train with that VAE, or precompute the latents with this one")

@@ -1,4 +1,5 @@
-"""The real images of a reference set, and their features cached once per (data set, resolution, extractor)."""
+"""The real images of a reference set, and their features cached once per (data set's contents, resolution,
+extractor)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ldm.data.shards import image_text_dataset
 from ldm.data.skips import SkipCounter
 from ldm.data.tars import expand_shards, read_tar_samples
 from ldm.data.transforms import open_image, to_rgb
+from ldm.interchange.frozen_files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,37 @@ def read_images_by_size(shards: str | list[str], limit: int | None = None
     return groups
 
 
-def shard_fingerprint(shards: str | list[str]) -> list[tuple[str, int]]:
-    """(name, size in bytes) of each local shard: changes when the data set is rewritten."""
-    return [(os.path.basename(url), os.path.getsize(url) if os.path.isfile(url) else -1) for url in expand_shards(shards)]
+def shard_fingerprint(shards: str | list[str]) -> list[tuple[str, str]]:
+    """(name, sha256 of its bytes) of each local shard, so that other images under the same names and sizes
+    key another cache entry; a remote shard (``pipe:``, a URL) is keyed by its URL alone."""
+    return [(os.path.basename(url), file_sha256(url)) if os.path.isfile(url) else (url, "not a local file")
+            for url in expand_shards(shards)]
+
+
+def read_cached_features(path: Path, limit: int | None = None) -> tuple[Tensor, list[str]]:
+    """Features (N, D) float64 and N captions from a reference cache file; ``ValueError`` naming the file
+    when it does not read as such (damaged, cut, another file), holds non-finite values or other shapes."""
+    from ldm.checkpoints import read_metadata
+
+    try:
+        captions = json.loads(read_metadata(path)["captions"])
+        features = load_file(str(path))["features"]
+    except Exception as error:  # safetensors, JSON and a missing key raise different types
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise ValueError(f"the reference feature cache {path} is unreadable ({reason}); delete it to compute the "
+                         f"features again") from error
+    problem = None
+    if features.ndim != 2 or features.dtype != torch.float64:
+        problem = f"features of shape {tuple(features.shape)} and {features.dtype}, not (N, D) float64"
+    elif not isinstance(captions, list) or len(captions) != len(features):
+        problem = f"{len(features)} feature rows for {len(captions) if isinstance(captions, list) else 'no'} captions"
+    elif limit is not None and len(features) > limit:
+        problem = f"{len(features)} feature rows, more than the {limit} images asked for"
+    elif not torch.isfinite(features).all():
+        problem = "non-finite features"
+    if problem:
+        raise ValueError(f"the reference feature cache {path} holds {problem}; delete it to compute the features again")
+    return features, captions
 
 
 @torch.no_grad()
@@ -96,18 +126,16 @@ def reference_features(
 ) -> tuple[Tensor, list[str], Path | None]:
     """Features (N, D) float64 of the first ``limit`` real images of ``shards``, their captions, and the cache file.
 
-    Computed once per (shards' names and sizes, resolution, limit, extractor) and stored as
+    Computed once per (shards' names and contents, resolution, limit, extractor) and stored as
     ``{cache_dir}/reference-{hash}.safetensors`` (captions in its metadata); later calls read the
-    file. ``cache_dir=None`` turns the cache off.
+    file, checked (``read_cached_features``). ``cache_dir=None`` turns the cache off.
     """
     key = dict(shards=shard_fingerprint(shards), resolution=resolution, limit=limit, extractor=extractor_name)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"reference-{digest}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        from ldm.checkpoints import read_metadata
-
-        captions = json.loads(read_metadata(path)["captions"])
-        return load_file(str(path))["features"], captions, path
+        features, captions = read_cached_features(path, limit)
+        return features, captions, path
     images, captions = read_image_caption_set(shards, resolution, limit)
     features = extract_features(extractor, images)
     if path is not None:

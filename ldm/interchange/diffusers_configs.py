@@ -180,10 +180,17 @@ def unet_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     channels = widths[0]
     heads = config.get("num_attention_heads") or config["attention_head_dim"]
     if isinstance(heads, (list, tuple)):
-        head_widths = {width // count for width, count in zip(widths, heads)}
-        if len(head_widths) != 1:
+        # diffusers reads a level's head count only where that level has attention, and the last level's
+        # for the middle block (always cross-attention): the counts elsewhere are never used.
+        attention_levels = [level for level, kind in enumerate(config["down_block_types"])
+                            if kind.startswith("CrossAttn")] + [len(widths) - 1]
+        used = {level: int(heads[level]) for level in dict.fromkeys(attention_levels)}
+        head_widths = {widths[level] // count for level, count in used.items()}
+        if len(head_widths) != 1 or any(widths[level] % count for level, count in used.items()):
             raise ValueError(f"unet/config.json: heads {list(heads)} over widths {widths} give head widths "
-                             f"{sorted(head_widths)}; ldm's UNetModel keeps one head width for all levels")
+                             f"{sorted(widths[level] / count for level, count in used.items())} at the attention "
+                             f"levels and middle block (heads by level: {used}); ldm's UNetModel keeps one whole "
+                             f"head width for all of them")
         num_heads, num_head_channels = -1, head_widths.pop()
     else:
         num_heads, num_head_channels = int(heads), -1

@@ -25,22 +25,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ldm.atomic import refuse_existing, remove_output
 from ldm.interchange.export import FORMATS, export_lora, export_pipeline
 from ldm.interchange.lora_files import LAYOUTS
-from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
+from ldm.tools.cli import ToolParser, add_model_arguments, add_overwrite_argument, load_pipeline, run_cli
 
 LORA_FORMAT = "lora"
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m ldm.tools.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m ldm.tools.export", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--format", choices=(*FORMATS, LORA_FORMAT), default="diffusers")
     parser.add_argument("--out", required=True, help="the folder (diffusers) or .safetensors file (sd, lora) to write")
     parser.add_argument("--merge-lora", action="store_true", help="write the model with --lora merged in")
     parser.add_argument("--lora-layout", choices=LAYOUTS, default="diffusers", help="the layout of --format lora")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
+    refuse_existing(args.out, "--overwrite", args.overwrite)  # before the model is read, not after
     if args.format == LORA_FORMAT:
         path, layers = export_lora(args.model, args.out, layout=args.lora_layout, lora=args.lora,
                                    use_ema=not args.no_ema, vae_weights=args.vae_weights, pretrained=args.pretrained)
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise ValueError(f"--lora {args.lora} with --format {args.format}: add --merge-lora to write the model with "
                          "the adapter merged in, or use --format lora to write the adapter alone")
     pipeline = load_pipeline(args)
+    if args.overwrite and args.format == "diffusers":
+        remove_output(args.out)  # a folder is written whole under a new name and cannot replace one in place
     path = export_pipeline(pipeline, args.out, format=args.format)
     print(f"wrote {path} ({args.format}, {'raw' if args.no_ema else 'EMA'} U-Net weights)")
     return path

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from ldm.data.image_shards import folder_records, table_records, write_shards
+from ldm.tools.cli import ToolParser, add_overwrite_argument, positive_int, run_cli
 
 
 def read_table(path: Path) -> list[dict]:
@@ -34,30 +35,42 @@ def read_table(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m ldm.tools.make_shards", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images-dir", help="a folder of images with NAME.txt captions beside them")
     source.add_argument("--csv", help="a CSV (or .parquet) file with image paths and captions")
     parser.add_argument("--path-column", default="path")
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--samples-per-shard", type=positive_int, default=10_000)
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.images_dir:
         if not Path(args.images_dir).is_dir():
-            raise SystemExit(f"--images-dir {args.images_dir} is not a folder")
+            raise FileNotFoundError(f"--images-dir {args.images_dir} is not a folder")
         records = folder_records(args.images_dir)
     else:
         table = Path(args.csv)
         if not table.is_file():
-            raise SystemExit(f"--csv {table} does not exist")
-        records = table_records(read_table(table), table.parent, args.path_column, args.caption_column)
-    summary = write_shards(records, args.out_dir, args.samples_per_shard)
+            raise FileNotFoundError(f"--csv {table} does not exist")
+        rows = read_table(table)
+        missing = [f"{name!r} ({option})" for option, name in (("--path-column", args.path_column),
+                                                               ("--caption-column", args.caption_column))
+                   if rows and name not in rows[0]]
+        if missing:
+            raise ValueError(f"--csv {table} has no column {' and no column '.join(missing)}; set --path-column and "
+                             f"--caption-column to two of its columns: {', '.join(map(str, rows[0]))}")
+        records = table_records(rows, table.parent, args.path_column, args.caption_column)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise NotADirectoryError(f"--out-dir {args.out_dir} is a file, not a folder")
+    summary = write_shards(records, args.out_dir, args.samples_per_shard, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     if summary["samples"] == 0:
-        raise SystemExit("no sample was written: check the captions and image paths")
+        raise ValueError(f"no sample was written ({summary['skipped'] or 'no input'}): check the captions and "
+                         "image paths")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

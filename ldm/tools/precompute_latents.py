@@ -37,13 +37,17 @@ from ldm.data.buckets import resolve_buckets
 from ldm.data.filters import MetadataFilters
 from ldm.data.precompute import precompute_latents
 from ldm.data.synthetic import ensure_synthetic_dataset
+from ldm.interchange.frozen_files import file_sha256
 from ldm.ranks import rank_and_world_size
+from ldm.tools.cli import ToolParser, nonnegative_int, positive_int, run_cli
 
 
 def build(config_path: str | None, weights: str | None = None) -> tuple[nn.Module | None, dict | None, dict]:
     """(module, its config as a dict, its weights file's metadata) from a ``_target_`` YAML preset."""
     if config_path is None:
         return None, None, {}
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: no such config file (a preset such as configs/model/vae/sd.yaml)")
     config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     module = hydra.utils.instantiate(config)
     metadata = load_weights(module, weights) if weights else {}
@@ -51,7 +55,8 @@ def build(config_path: str | None, weights: str | None = None) -> tuple[nn.Modul
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="python -m ldm.tools.precompute_latents", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", help="input shards, brace pattern (or several joined by ::)")
     source.add_argument("--builtin", metavar="DATA_DIR", help="the built-in set under DATA_DIR (train and val)")
@@ -60,16 +65,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vae-weights", default=None, help="safetensors weights of that VAE")
     parser.add_argument("--text-encoder", default=None, help="text encoder config preset: also store its output")
     parser.add_argument("--text-encoder-weights", default=None)
-    parser.add_argument("--resolution", type=int, required=True)
+    parser.add_argument("--resolution", type=positive_int, required=True)
     parser.add_argument("--buckets", default=None, type=json.loads,
                         help="aspect-ratio buckets as data.buckets, in JSON: a list of [height, width] or a mapping")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-parts", type=int, default=None, help="default: the launcher's WORLD_SIZE, else 1")
-    parser.add_argument("--part", type=int, default=None, help="default: the launcher's RANK, else 0")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-parts", type=positive_int, default=None, help="default: the launcher's WORLD_SIZE, else 1")
+    parser.add_argument("--part", type=nonnegative_int, default=None, help="default: the launcher's RANK, else 0")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when there is a GPU, else cpu")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="encode under autocast")
-    parser.add_argument("--min-width", type=int, default=None, help="leave out images narrower than this")
-    parser.add_argument("--min-height", type=int, default=None)
+    parser.add_argument("--min-width", type=positive_int, default=None, help="leave out images narrower than this")
+    parser.add_argument("--min-height", type=positive_int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rank, world_size = rank_and_world_size()
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_encoder, text_config, _ = build(args.text_encoder, args.text_encoder_weights)
     manifest = {
         "format": 1, "resolution": args.resolution, "vae": vae_config, "vae_weights": args.vae_weights,
+        # what training compares with model.latents.vae_weights (a retrained VAE at the same path is another VAE)
+        "vae_sha256": file_sha256(args.vae_weights) if args.vae_weights else None,
+        "text_encoder_sha256": file_sha256(args.text_encoder_weights) if args.text_encoder_weights else None,
         "latent_scale_factor": float(vae_metadata["latent_scale_factor"]) if "latent_scale_factor" in vae_metadata
         else None,
         "text_encoder": text_config, "text_encoder_weights": args.text_encoder_weights,
@@ -102,4 +110,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

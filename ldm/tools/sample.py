@@ -13,15 +13,16 @@ with captions, by default into ``outputs/samples/<date>_<time>/`` under ``LDM_RO
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import time
 from pathlib import Path
 
+from ldm.atomic import refuse_existing
 from ldm.diffusion.sampling import SAMPLERS
 from ldm.diffusion.timesteps import TIMESTEP_SPACINGS
-from ldm.tools.cli import add_model_arguments, load_pipeline, run_cli
+from ldm.tools.cli import (ToolParser, add_model_arguments, add_overwrite_argument, finite_float, load_pipeline,
+                           nonnegative_int, positive_int, run_cli)
 from ldm.visualization import captioned_grid, to_pil_images
 
 
@@ -36,7 +37,7 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
     if prompts_file:
         collected += [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
     if not collected:
-        raise SystemExit("give at least one --prompt or a --prompts-file")
+        raise ValueError("no prompt: give at least one --prompt or a --prompts-file")
     return collected
 
 
@@ -47,11 +48,11 @@ def sampler_options_from(args: argparse.Namespace) -> dict:
         options["timestep_spacing"] = args.timestep_spacing
     if args.eta is not None:
         if args.sampler != "ddim":
-            raise SystemExit(f"--eta applies to --sampler ddim, not {args.sampler}")
+            raise ValueError(f"--eta applies to --sampler ddim, not {args.sampler}")
         options["eta"] = args.eta
     if args.karras_sigmas:
         if args.sampler in ("ddpm", "ddim"):
-            raise SystemExit(f"--karras-sigmas applies to euler, euler_ancestral and dpmpp_2m, not {args.sampler}")
+            raise ValueError(f"--karras-sigmas applies to euler, euler_ancestral and dpmpp_2m, not {args.sampler}")
         options["karras_sigmas"] = True
     return options
 
@@ -60,20 +61,6 @@ def default_out_dir() -> Path:
     """``outputs/samples/<date>_<time>`` under ``LDM_ROOT`` or the current folder (never a tracked folder)."""
     root = Path(os.environ.get("LDM_ROOT") or Path.cwd())
     return root / "outputs" / "samples" / time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -88,7 +75,7 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m ldm.tools.sample", description=__doc__,
+    parser = ToolParser(prog="python -m ldm.tools.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--eta", type=finite_float, default=None, help="DDIM only: 0 deterministic, 1 as DDPM")
     parser.add_argument("--karras-sigmas", action="store_true", help="Euler, Euler-a and DPM-Solver++ only")
     parser.add_argument("--guidance-scale", type=finite_float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="image i uses seed + i")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--height", type=positive_int, default=None, help="default: the training resolution")
     parser.add_argument("--width", type=positive_int, default=None, help="default: the training resolution")
@@ -111,13 +98,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     for name, default, meaning in (("original-size", "the image size", "HEIGHT WIDTH"),
                                    ("crop-coords", "0 0", "TOP LEFT"), ("target-size", "the image size", "HEIGHT WIDTH")):
-        parser.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=tuple(meaning.split()),
+        parser.add_argument(f"--{name}", type=nonnegative_int, nargs=2, default=None, metavar=tuple(meaning.split()),
                             help=f"SDXL-class models' micro-conditioning (default: {default})")
     parser.add_argument("--out-dir", default=None, help="default: outputs/samples/<date>_<time>")
+    add_overwrite_argument(parser)
     args = parser.parse_args(argv)
+    if args.out_dir and Path(args.out_dir).is_dir() and any(Path(args.out_dir).iterdir()):
+        refuse_existing(args.out_dir, "--overwrite", args.overwrite)
 
     if args.size and (args.height or args.width):
-        raise SystemExit("give --size, or --height/--width, not both")
+        raise ValueError("give --size, or --height/--width, not both")
     sampler_options = sampler_options_from(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
     pipeline = load_pipeline(args)

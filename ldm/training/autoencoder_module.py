@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ldm.atomic import refuse_existing
 from ldm.checkpoints import save_weights
 from ldm.training.lr_schedules import WarmupSchedule
 from ldm.training.skip_logging import SkipCountLogging
@@ -24,7 +25,8 @@ class AutoencoderModule(SkipCountLogging, L.LightningModule):
     that this small-image setting does not need), so ``kl_weight`` has its usual meaning (1e-6).
 
     At the end of fit, rank 0 writes the VAE weights to ``export_path`` as safetensors, with the
-    latent scale factor 1/std(latents) measured on the validation images in its metadata.
+    latent scale factor 1/std(latents) measured on the validation images in its metadata. An existing file
+    there is refused when the run starts, unless ``overwrite`` (``overwrite=true``).
     """
 
     def __init__(
@@ -36,8 +38,11 @@ class AutoencoderModule(SkipCountLogging, L.LightningModule):
         mse_weight: float = 1.0,
         export_path: str | None = None,
         scale_factor_samples: int = 512,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
+        if export_path:  # refused at start-up, not after training: checkpoints recorded against it hold its hash
+            refuse_existing(export_path, "overwrite=true", overwrite)
         self.vae = vae
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ldm.checkpoints import check_resumable
 from ldm.conditioning import Conditioning
 from ldm.config_check import build_options, check_number
 from ldm.data.latents import sample_latents
@@ -40,8 +41,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
     W/f) (or a precomputed posterior); captions and batch -> ``text_encoder.condition`` -> Conditioning; the
     ``objective`` draws noise levels and builds x_t and the target; the ``mode`` (full, LoRA) says what trains.
     ``latent_scale_factor`` (``latents.scale_factor``, else the VAE file's metadata, else 1/std of the first
-    batch's latents) is a buffer, so checkpoints keep it. The VAE and text towers are frozen; weights that come
-    from a file are left out of checkpoints. ``ema_decay``: the EMA copy's decay (None: no EMA).
+    batch's latents) is a buffer kept by checkpoints. Frozen VAE and text towers; ``ema_decay``: None, no EMA.
     """
 
     def __init__(
@@ -243,6 +243,7 @@ class LatentDiffusion(SkipCountLogging, L.LightningModule):
         frozen_weights.check_frozen_files(checkpoint.get("ldm_frozen_files", {}), self.frozen_files)
         own = self.state_dict()
         self.mode.on_load_checkpoint(checkpoint, own)
+        check_resumable(checkpoint, own, self.model_config, self.trainer.ckpt_path if self._trainer is not None else None)
         prefixes = self._prefixes_left_out()
         for key, value in own.items():  # weights left out of the file are the ones loaded from their files
             if key.startswith(prefixes):

@@ -182,22 +182,27 @@ def train_entry():
     return module
 
 
-def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
+def latent_run_config(latent_dir, tmp_path, *overrides: str):
+    """A tiny train.py config on the latent shards of ``latent_dir``, its run folder under ``tmp_path``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[
             "experiment=demo", "data=latents", f"data.train_shards='{latent_dir}/train-{{000000..000002}}.tar'",
-            "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8", "callbacks=default",
-            "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0", "logger=none",
-            "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "trainer.max_steps=4",
-            "trainer.limit_val_batches=0", "trainer.max_time=null", "trainer.enable_progress_bar=false",
-            "ckpt_path=null",
+            "data.resolution=32", "data.batch_size=4", "data.num_workers=0", "data.train_epoch_length=8",
+            "callbacks=default", "logger=none", "trainer.limit_val_batches=0", "trainer.max_time=null",
+            "trainer.enable_progress_bar=false", "ckpt_path=null", *overrides,
         ])
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.output_dir = str(tmp_path / "run")
         del cfg.hydra
+    return cfg
+
+
+def test_a_data_latents_run_logs_its_throughput(latent_dir, tmp_path):
+    cfg = latent_run_config(latent_dir, tmp_path, "callbacks.throughput.window=2", "callbacks.throughput.peak_tflops=1.0",
+                            "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "trainer.max_steps=4")
     metrics = train_entry().train(cfg)
     assert metrics["perf/latents_per_s"] > 0 and metrics["perf/images_per_s"] == metrics["perf/latents_per_s"]
     assert metrics["perf/network_tflops"] > 0
@@ -258,3 +263,23 @@ def test_the_builtin_set_precomputed_is_what_data_demo_latents_reads(tmp_path):
         expected = text_encoder(batch["caption"][:4])
     # Stored as float16: about 3 significant digits.
     torch.testing.assert_close(batch["text_states"][:4], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_training_with_another_vae_than_the_latents_was_made_with_is_refused_naming_both_hashes(
+        latent_dir, vae_weights, tmp_path):
+    """Latents record the sha256 of the VAE that made them; a run whose model.latents.vae_weights is another VAE (its
+    decoder could not read them) stops at setup, before any step."""
+    from ldm.config_check import ConfigError
+    from ldm.interchange.frozen_files import file_sha256
+
+    torch.manual_seed(4)
+    other_vae, _, _ = tool.build(VAE)
+    other = str(save_weights(other_vae, tmp_path / "other_vae.safetensors", {"latent_scale_factor": 0.5}))
+    made_with = json.loads((latent_dir / "latents.json").read_text())["vae_sha256"]
+    assert made_with == file_sha256(vae_weights) != file_sha256(other)
+    cfg = latent_run_config(latent_dir, tmp_path, "data.use_text_states=true", f"model.latents.vae_weights={other}",
+                            "trainer.max_steps=2")
+    with pytest.raises(ConfigError, match=f"model.latents.vae_weights={other} has sha256 {file_sha256(other)}.*"
+                                          f"made with {vae_weights} of sha256 {made_with}"):
+        train_entry().train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

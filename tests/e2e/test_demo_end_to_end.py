@@ -110,6 +110,6 @@ def test_stage2_trains_logs_to_wandb_and_writes_checkpoint_and_grid(stage1):
                          "--karras-sigmas", "--steps", "3", "--seed", "7", "--out-dir", str(out_dir)])
     assert len(paths) == 4 and all(p.is_file() for p in paths)
     assert (out_dir / "grid.png").is_file()
-    with pytest.raises(SystemExit, match="--eta applies to --sampler ddim"):
+    with pytest.raises(ValueError, match="--eta applies to --sampler ddim"):  # run_cli: "error: ...", exit 2
         sample_main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--prompt", "x", "--sampler", "euler",
                      "--eta", "0.5"])

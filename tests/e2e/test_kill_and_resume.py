@@ -59,6 +59,18 @@ def environment(root: Path) -> dict[str, str]:
     return dict(os.environ, LDM_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
 
 
+def start_and_wait_for_step_8(run_dir: Path, env: dict[str, str], extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The training job (its own process group) started into ``run_dir``, once it has written step 8's checkpoint."""
+    process = subprocess.Popen(train_command(run_dir, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_000008.ckpt").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run to be interrupted wrote no step-8 checkpoint in time"
+        time.sleep(0.02)
+    return process
+
+
 def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
@@ -77,13 +89,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant, aspect_sha
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(killed, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_000008.ckpt").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run to be killed wrote no step-8 checkpoint in time"
-        time.sleep(0.02)
+    process = start_and_wait_for_step_8(killed, env, extra)
     os.killpg(process.pid, signal.SIGKILL)  # the whole job, dataloader workers included
     process.wait()
     assert not (killed / "checkpoints" / "step_000020.ckpt").exists(), "the run finished before it was killed"
@@ -116,3 +122,38 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant, aspect_sha
         report, whole = (json.loads((run / "bucket_report.json").read_text()) for run in (killed, uninterrupted))
         # 2 of the 3: a worker's epoch here is ~24 samples, too few to fill a batch of the rarest (tall) bucket
         assert len([row for row in report["buckets"] if row["samples"]]) >= 2 and report == whole
+
+
+@pytest.mark.slow
+def test_ctrl_c_between_checkpoints_writes_last_ckpt_that_resumes_to_the_same_weights(tmp_path):
+    """SIGINT to the whole job (as a terminal's Ctrl-C sends it, loader workers included) after the step-8
+    checkpoint: the run stops after its current step with exit status 130 and last.ckpt of that step, and
+    resuming from that file ends with the uninterrupted run's weights."""
+    env = environment(tmp_path)
+    uninterrupted = tmp_path / "uninterrupted"
+    result = subprocess.run(train_command(uninterrupted), cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    stopped = tmp_path / "stopped"
+    process = start_and_wait_for_step_8(stopped, env)
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=300)[1].decode()
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stopped / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 8 <= step < 20, step
+
+    resumed = subprocess.run(train_command(stopped, (f"ckpt_path={last}",)), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = final_state(uninterrupted), final_state(stopped)
+    assert got["global_step"] == expected["global_step"] == 20
+    trained = [key for key in expected["state_dict"] if key.startswith(("network.", "ema_network."))]
+    assert trained
+    for key in trained:
+        torch.testing.assert_close(got["state_dict"][key], expected["state_dict"][key], rtol=0, atol=0, msg=key)
+    for index, state in expected["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(got["optimizer_states"][0]["state"][index]["exp_avg"], state["exp_avg"],
+                                   rtol=0, atol=0)

@@ -193,3 +193,23 @@ def test_ldms_sdxl_file_layout_is_what_diffusers_single_file_loader_reads_as_sdx
     converted = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(reference.config))
     assert {k: tuple(v.shape) for k, v in converted.items()} == {
         k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+
+def test_head_counts_of_levels_without_attention_are_not_read():
+    """diffusers reads a level's head count only where it has attention (and the last level's for the middle
+    block): a count at the first, attention-free level that gives no whole head width is a valid config."""
+    torch.manual_seed(0)
+    config = {**TINY_DIFFUSERS, "attention_head_dim": [3, 4, 4]}  # 32 / 3 channels per head at level 0: unused
+    reference = diffusers.UNet2DConditionModel(**config).eval()
+    randomize(reference, seed=1)
+    read = unet_model_config(reference.config)
+    assert read["num_head_channels"] == 16 and read["num_heads"] == -1
+    unet = instantiate({**read, "transformer_depth": list(read["transformer_depth"])}).eval()
+    unet.load_state_dict(diffusers_unet_to_ldm(reference.state_dict(), layers_per_block=1), strict=True)
+    assert_same_outputs(reference, unet)
+
+
+def test_head_widths_that_differ_between_attention_levels_are_refused():
+    """The middle block reads the last level's count: 64 / 2 = 32 there against 64 / 4 = 16 at level 1."""
+    with pytest.raises(ValueError, match=r"head widths \[16.0, 32.0\].*heads by level: \{1: 4, 2: 2\}"):
+        unet_model_config({**TINY_DIFFUSERS, "attention_head_dim": [3, 4, 2]})

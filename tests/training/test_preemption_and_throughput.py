@@ -5,27 +5,32 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ldm.training.preemption import CheckpointAndRequeue
+from ldm.training.preemption import CheckpointAndRequeue, stop_signal_exit_status
 from ldm.training.throughput import ThroughputMonitor, device_peak_tflops, network_training_flops
 
 
 class Regression(L.LightningModule):
-    """Sends itself SIGUSR1 during the training step of ``signal_at_step``."""
+    """Sends itself ``signal_number`` (SIGUSR1) during the training step of ``signal_at_step`` (``times`` times)."""
 
-    def __init__(self, signal_at_step: int | None = None) -> None:
+    def __init__(self, signal_at_step: int | None = None, signal_number: int = signal.SIGUSR1, times: int = 1) -> None:
         super().__init__()
         self.network = nn.Linear(8, 8)
         self.signal_at_step = signal_at_step
+        self.signal_number = signal_number
+        self.times = times
 
     def training_step(self, batch, batch_idx):
         if self.trainer.global_step == self.signal_at_step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signal_number)
         (x,) = batch
         return self.network(x).square().mean()
 
@@ -55,6 +60,35 @@ def test_preemption_signal_checkpoints_requeues_and_stops(tmp_path):
         assert signal.getsignal(signal.SIGUSR1) is not callback._handle  # restored after fit
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_checkpoint_the_current_step_and_stop_without_requeue(tmp_path, name):
+    """Without the callback, SIGINT raises KeyboardInterrupt mid-step and Lightning's SIGTERM handling stops
+    without a checkpoint: both would lose the steps since the last periodic checkpoint."""
+    number = getattr(signal, name)
+    before = signal.getsignal(number)
+    callback = CheckpointAndRequeue(signals=["SIGUSR1"], dirpath=str(tmp_path / "checkpoints"))
+    trainer = fit(Regression(signal_at_step=3, signal_number=number), [callback], tmp_path, steps=50)
+    assert trainer.global_step == 4 and not trainer.received_sigterm
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4
+    torch.testing.assert_close(state["state_dict"]["network.weight"], trainer.lightning_module.network.weight,
+                               rtol=0, atol=0)
+    assert callback.stopped_by == number and stop_signal_exit_status([callback]) == 128 + number
+    assert signal.getsignal(number) == before  # restored after fit
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    callback = CheckpointAndRequeue(signals=["SIGUSR1"], dirpath=str(tmp_path / "checkpoints"))
+    with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into exit status 1
+        fit(Regression(signal_at_step=3, signal_number=signal.SIGINT, times=2), [callback], tmp_path, steps=50)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    # Lightning's teardown after the interrupt puts the callback's handler back; it now acts as Python's own
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_unet_flops_match_the_closed_form_for_a_linear_layer():
