@@ -275,14 +275,14 @@ def test_train_and_eval_refuse_wrong_usage_in_one_line(case, inputs, capsys):
 def test_a_checkpoint_of_another_architecture_is_refused_naming_both_configs():
     """``check_resumable`` (called by the module before Lightning loads the weights): both values of each differing
     key, from the config the checkpoint records and the run's."""
-    saved = {"unet.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3), "unet.out.2.weight": torch.zeros(4, 32, 3, 3)}
-    state = {"unet.input_blocks.0.0.weight": torch.zeros(64, 4, 3, 3), "unet.out.2.weight": torch.zeros(4, 64, 3, 3)}
-    checkpoint = {"state_dict": saved, "ldm_model_config": {"unet": {"model_channels": 32, "num_heads": 4}}}
+    saved = {"network.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3), "network.out.2.weight": torch.zeros(4, 32, 3, 3)}
+    state = {"network.input_blocks.0.0.weight": torch.zeros(64, 4, 3, 3), "network.out.2.weight": torch.zeros(4, 64, 3, 3)}
+    checkpoint = {"state_dict": saved, "ldm_model_config": {"network": {"model_channels": 32, "num_heads": 4}}}
     with pytest.raises(CheckpointMismatchError, match=r"ckpt_path=a.ckpt is of another architecture "
                                                       r"\(model.network.model_channels=32 there, 64 here\)"):
-        check_resumable(checkpoint, state, {"unet": {"model_channels": 64, "num_heads": 4}}, "a.ckpt")
+        check_resumable(checkpoint, state, {"network": {"model_channels": 64, "num_heads": 4}}, "a.ckpt")
     check_resumable({"state_dict": saved, "ldm_model_config": checkpoint["ldm_model_config"]}, saved,
-                    {"unet": {"model_channels": 32, "num_heads": 4, "use_checkpoint": True}})  # fits: no error
+                    {"network": {"model_channels": 32, "num_heads": 4, "use_checkpoint": True}})  # fits: no error
 
 
 def test_overwrite_replaces_a_folder_of_shards_whole(inputs, tmp_path):
