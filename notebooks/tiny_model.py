@@ -63,8 +63,8 @@ def fit(cfg: DictConfig) -> L.LightningModule:
 
 
 def trained_parts(module: L.LightningModule) -> torch.nn.ModuleDict:
-    """What stage 2 trains: the U-Net and its EMA copy (the VAE comes from its file, the text tower from a seed)."""
-    return torch.nn.ModuleDict({"unet": module.unet, "ema_unet": module.ema_unet})
+    """What stage 2 trains: the network and its EMA copy (the VAE comes from its file, the text tower from a seed)."""
+    return torch.nn.ModuleDict({"network": module.network, "ema_network": module.ema_network})
 
 
 def trained_vae(cache_dir: str | Path, vae_steps: int = VAE_STEPS, seed: int = 0) -> Path:
@@ -83,7 +83,7 @@ def stage2_config(cache_dir: str | Path, *overrides: str, vae_steps: int = VAE_S
     """The demo's stage-2 config, shortened by ``SHORT_RUN`` to ``unet_steps``, over the cached VAE (trained
     first if missing)."""
     return compose_run("demo", cache_dir, f"trainer.max_steps={unet_steps}", f"seed={seed}",
-                       f"model.vae_weights={trained_vae(cache_dir, vae_steps, seed)}", "trainer.max_time=null",
+                       f"model.latents.vae_weights={trained_vae(cache_dir, vae_steps, seed)}", "trainer.max_time=null",
                        "trainer.limit_val_batches=0", *SHORT_RUN, *overrides)
 
 
