@@ -77,6 +77,8 @@ def aspect_shard_writer():
 # never meet another test using it.
 FIXTURE_GROUPS = {
     "trained_run": "trained_run",
+    # The notebooks' tiny model takes minutes to train; a second worker would wait for it idle.
+    "cache_dir": "notebooks",
 }
 
 
@@ -93,11 +95,22 @@ def pytest_collection_modifyitems(config, items):
         # the short tests fill the end and both workers finish together.
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
-        groups = {FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in FIXTURE_GROUPS}
-        if len(groups) > 1:
-            raise pytest.UsageError(f"{item.nodeid} uses fixtures of several xdist groups: {sorted(groups)}")
-        if groups and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+        if item.get_closest_marker("xdist_group") is None and (group := xdist_group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def xdist_group(item) -> str | None:
+    """The group of a test that uses a fixture of ``FIXTURE_GROUPS``; else, for a test that uses a module-scoped
+    fixture (a run, a trained classifier, shards), its module's, so that the module builds it once."""
+    groups = {FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in FIXTURE_GROUPS}
+    if len(groups) > 1:
+        raise pytest.UsageError(f"{item.nodeid} uses fixtures of several xdist groups: {sorted(groups)}")
+    if groups:
+        return groups.pop()
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if any(defs and defs[-1].scope == "module" for defs in definitions.values()):
+        return item.nodeid.split("::")[0]
+    return None
 
 
 @pytest.fixture(autouse=True)
