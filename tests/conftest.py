@@ -1,6 +1,6 @@
 """Test-wide settings: never touch the network, keep W&B offline, few threads; under pytest-xdist (``make test``
-runs 2 workers) one thread per worker, whole-machine tests alone, and folders that several tests build shared
-by every worker of the session (see docs/testing.md)."""
+runs a worker per core) one thread per worker, and the groups that keep what a fixture built on one worker
+(see docs/testing.md)."""
 
 import os
 
@@ -11,12 +11,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 WORKER_COUNT = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 # With a worker per core, a second intra-op thread per worker only makes the workers fight for the cores
 # (and OpenMP threads that wait for a busy core stall): one thread each, in the processes they start too.
-DEFAULT_THREADS = os.environ.get("OMP_NUM_THREADS")
 if WORKER_COUNT > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import tarfile  # noqa: E402
@@ -24,8 +22,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from tests.shared import file_lock, session_folder  # noqa: E402
 
 # (height, width) of the images of ``write_aspect_shards``: square, 2:1 wide and tall, 3:2 wide, small (upscaled).
 ASPECT_SIZES = ((32, 32), (32, 64), (64, 32), (32, 48), (12, 24))
@@ -72,6 +68,8 @@ def aspect_shard_writer():
 
 
 # --- Running in parallel -------------------------------------------------------------------------------------
+# Tests marked whole_machine (DDP/FSDP ranks, a timed step) run one after another in a group of their own: two
+# at once would double the processes on the cores and could pick the same rendezvous port.
 # Tests that use one of these fixtures run on one xdist worker, in the order collected (``--dist loadgroup``):
 # the fixture is built once, and tests that change what it made (a moved file, a second run in its folder)
 # never meet another test using it.
@@ -100,8 +98,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def xdist_group(item) -> str | None:
-    """The group of a test that uses a fixture of ``FIXTURE_GROUPS``; else, for a test that uses a module-scoped
-    fixture (a run, a trained classifier, shards), its module's, so that the module builds it once."""
+    """``whole_machine`` for a test so marked; the group of a test that uses a fixture of ``FIXTURE_GROUPS``;
+    else, for a test that uses a module-scoped fixture (a run, a trained classifier, shards), its module's, so that
+    the module builds it once."""
+    if item.get_closest_marker("whole_machine") is not None:
+        return "whole_machine"
     groups = {FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in FIXTURE_GROUPS}
     if len(groups) > 1:
         raise pytest.UsageError(f"{item.nodeid} uses fixtures of several xdist groups: {sorted(groups)}")
@@ -111,35 +112,3 @@ def xdist_group(item) -> str | None:
     if any(defs and defs[-1].scope == "module" for defs in definitions.values()):
         return item.nodeid.split("::")[0]
     return None
-
-
-@pytest.fixture(autouse=True)
-def machine_share(request, tmp_path_factory):
-    """Under pytest-xdist, a ``whole_machine`` test runs alone: it takes the machine lock exclusively, every other
-    test shared. The gate lets a waiting whole-machine test in before tests that arrive after it (the other worker
-    would otherwise hold the shared lock from one test to the next). It runs with the threads it had alone."""
-    if WORKER_COUNT < 2 or not hasattr(request.config, "workerinput"):
-        yield
-        return
-    folder = session_folder(tmp_path_factory)
-    exclusive = request.node.get_closest_marker("whole_machine") is not None
-    with contextlib.ExitStack() as stack:
-        with file_lock(folder / "gate.lock"):
-            stack.enter_context(file_lock(folder / "machine.lock", exclusive=exclusive))
-        if not exclusive:
-            yield
-            return
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(int(DEFAULT_THREADS or os.cpu_count() or 1))
-        saved = os.environ.pop("OMP_NUM_THREADS", None)
-        if DEFAULT_THREADS is not None:
-            os.environ["OMP_NUM_THREADS"] = DEFAULT_THREADS
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-            os.environ.pop("OMP_NUM_THREADS", None)
-            if saved is not None:
-                os.environ["OMP_NUM_THREADS"] = saved

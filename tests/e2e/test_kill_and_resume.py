@@ -63,7 +63,6 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.whole_machine
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full", "lora", "buckets"])
 def test_sigkilled_run_resumes_to_the_same_weights(tmp_path, variant, aspect_shard_writer):
