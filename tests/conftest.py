@@ -92,9 +92,37 @@ def pytest_collection_modifyitems(config, items):
         # Workers take tests in this order as they finish others: the long end-to-end runs first, so that
         # the short tests fill the end and both workers finish together.
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    groups = {}
     for item in items:
         if item.get_closest_marker("xdist_group") is None and (group := xdist_group(item)):
             item.add_marker(pytest.mark.xdist_group(group))
+        if (mark := item.get_closest_marker("xdist_group")) is not None:
+            groups[item.nodeid] = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+    if hasattr(config, "workerinput") and config.workerinput["workerid"] == "gw0":
+        (Path(config.option.basetemp).parent / GROUPS_FILE).write_text(json.dumps(groups))
+
+
+# pytest 9 keeps a node's id in ``_id``, so xdist 3.8's loadgroup, which appends "@group" to ``_nodeid``, groups
+# nothing: the controller's scheduler reads the groups the first worker wrote at collection instead.
+GROUPS_FILE = "xdist_groups.json"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups_file = config._tmp_path_factory.getbasetemp() / GROUPS_FILE
+
+    class MarkedGroupScheduling(LoadScopeScheduling):
+        """loadgroup: tests with one xdist_group mark run on one worker; the others go one by one."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            if not hasattr(self, "_groups"):
+                self._groups = json.loads(groups_file.read_text()) if groups_file.is_file() else {}
+            return self._groups.get(nodeid, nodeid)
+
+    return MarkedGroupScheduling(config, log)
 
 
 def xdist_group(item) -> str | None:
