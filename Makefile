@@ -52,8 +52,13 @@ $(DEMO_LATENTS)/.complete: $(VAE_WEIGHTS)
 	    --vae configs/model/vae/tiny.yaml --vae-weights $(VAE_WEIGHTS) --text-encoder configs/model/text_encoder/tiny.yaml
 	touch $@
 
+# One pytest-xdist worker per core, each with one thread (tests/conftest.py); tests that share what a fixture
+# built run on one worker (--dist loadgroup); the 25 slowest tests are listed at the end (docs/testing.md).
+# TEST_WORKERS=0: one process; PYTEST_ARGS: files, -k or -m selections, other pytest options.
+TEST_WORKERS ?= auto
+PYTEST_ARGS ?=
 test: $(DEV_STAMP)
-	WANDB_MODE=offline $(PYTHON) -m pytest
+	WANDB_MODE=offline $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 # One prepared run of everything a GPU should prove (benchmarks/gpu_check.py); DRY_RUN=1: the same on the CPU,
 # tiny sizes. It runs on the GPU machine's own Python, with what .whl/ adds (make gpu-wheels fetches those).

@@ -110,6 +110,7 @@ def test_rendered_shapes_have_the_expected_area_and_antialiased_edges():
     assert edge_values  # intermediate reds on the rim
 
 
+@pytest.mark.whole_machine
 def test_ensure_synthetic_dataset_generates_once_then_reuses(tmp_path):
     started = time.perf_counter()
     train, val = ensure_synthetic_dataset(tmp_path, num_train=96, num_val=20, samples_per_shard=32, seed=2)

@@ -24,6 +24,7 @@ def run_train(tmp_path: Path, overrides: list[str], timeout: int = 600) -> subpr
                           text=True, timeout=timeout)
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_ddp_two_processes_train_to_the_end(tmp_path):
     """Two CPU ranks (gloo), each on its own shards, reach max_steps and save a final checkpoint."""
@@ -40,6 +41,7 @@ def test_ddp_two_processes_train_to_the_end(tmp_path):
     assert "world_size: 2" in result.stderr + result.stdout or "GLOBAL_RANK: 1" in result.stderr + result.stdout
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_ddp_over_uneven_buckets_finishes_and_saves_every_ranks_position(tmp_path, aspect_shard_writer):
     """Two CPU ranks whose batches differ in shape at the same step (each rank's images fall into the
@@ -122,6 +124,7 @@ def odd_shards(tmp_path_factory) -> tuple[str, str]:
     return str(directory / "train-{000000..000002}.tar"), str(directory / "val-{000000..000002}.tar")
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 @pytest.mark.parametrize(("train_mode", "steps_per_epoch"), [("resampled", 6), ("exactly_once", 5)])
 def test_ddp_over_an_odd_number_of_shards_finishes_in_each_mode(tmp_path, odd_shards, train_mode, steps_per_epoch):

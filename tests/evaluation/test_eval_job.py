@@ -45,6 +45,7 @@ def run_eval(root: Path, checkpoint: Path, name: str, *overrides: str, logger: s
     return json.loads((root / name / "results.json").read_text())
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_eval_job_writes_results_and_two_processes_match_one(tiny_checkpoint, tmp_path):
     one = run_eval(tmp_path, tiny_checkpoint, "one", "eval.guidance_scales=[1,3]", logger="wandb")

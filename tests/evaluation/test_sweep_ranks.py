@@ -38,6 +38,7 @@ def launched_values_by_trial(log: str) -> dict[str, set[str]]:
     return launched
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_seeded_sweep_gives_every_rank_of_a_trial_the_same_values_and_unseeded_is_stopped(tmp_path):
     code, log = sweep(tmp_path / "seeded")

@@ -4,11 +4,16 @@ notebooks are their sources' code with outputs, small, and read as lessons (an o
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from tests.shared import shared_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -53,10 +58,26 @@ def text_output(notebook: nbformat.NotebookNode) -> str:
     return "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
 
 
+def train_tiny_model(folder: Path) -> None:
+    """``tiny_model(folder)`` and the built-in set, made as a notebook's kernel makes them (its working directory,
+    its threads), so that the notebooks, run in parallel, only read the folder."""
+    script = ("import sys; from tiny_model import tiny_model; from ldm.data.synthetic import ensure_synthetic_dataset; "
+              "tiny_model(sys.argv[1]); ensure_synthetic_dataset(sys.argv[1] + '/data')")
+    environment = {"OMP_NUM_THREADS": build.KERNEL_THREADS, **os.environ}
+    completed = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=NOTEBOOKS, env=environment,
+                               capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One data set and one tiny model for all notebooks of the session (the first that needs it trains it)."""
-    return tmp_path_factory.mktemp("notebook-cache")
+    """One data set and one tiny model for all notebooks of the session, trained once for every xdist worker."""
+    spec = importlib.util.spec_from_file_location("notebook_tiny_model", NOTEBOOKS / "tiny_model.py")
+    tiny_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_model)
+    settings = {"vae_steps": tiny_model.VAE_STEPS, "unet_steps": tiny_model.UNET_STEPS,
+                "short_run": tiny_model.SHORT_RUN, "kernel_threads": build.KERNEL_THREADS}
+    return shared_folder(tmp_path_factory, "notebook-cache", settings, train_tiny_model)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ def test_trainer_fsdp_config_builds_the_unet_strategy_and_lightning_keeps_fsdp_o
         L.Trainer(accelerator="cpu", devices=1, strategy="fsdp")
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_fsdp_wraps_the_unet_only_its_sharded_checkpoint_loads_in_one_process_and_rank_zero_samples_it_whole(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", FSDP_TEST_PORT="29563")

@@ -22,6 +22,7 @@ def run(devices: int, batch_per_rank: int, output: Path) -> dict[str, dict[str, 
     return torch.load(output, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_two_ranks_with_batch_b_update_like_one_rank_with_batch_2b(tmp_path):
     """Two SGD steps with gradient clipping: DDP's averaged gradients give the large batch's update."""

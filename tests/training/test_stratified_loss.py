@@ -47,6 +47,7 @@ def run(devices: int, batch_per_rank: int, output: Path) -> list[dict[str, float
     return torch.load(output, weights_only=True)
 
 
+@pytest.mark.whole_machine
 @pytest.mark.slow
 def test_same_weights_give_the_same_stratified_loss_on_one_or_two_processes(tmp_path):
     """Two validations in a row agree exactly; 1 process (batch 3) and 2 gloo processes (batch 2) to 1e-6."""
