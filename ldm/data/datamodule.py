@@ -76,11 +76,12 @@ def check_some_shard_is_a_tar(paths: list[str], key: str) -> None:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C and SIGTERM, which reach them with the main process: the main process stops
+    """Loader workers ignore Ctrl-C, which a terminal sends to the whole process group: the main process stops
     after its step and writes a checkpoint, and needs the workers' batches until then (a worker that died of
-    the signal would end the run with an error instead). Workers still end with the main process."""
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+    the signal would end the run with an error instead). SIGTERM keeps its default in workers: the loader ends
+    a worker it no longer needs with SIGTERM (an exactly-once epoch that stops early), and a worker that
+    ignored it would hang the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
