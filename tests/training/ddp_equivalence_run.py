@@ -50,7 +50,7 @@ def main(devices: int, batch_per_rank: int, output: str) -> None:
         cfg = compose("train", overrides=[
             "experiment=demo", "model.latents.vae_weights=null", "model.latents.scale_factor=0.5", "model.lr_schedule=null",
             "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.5", "~model.optimizer.betas",
-            "~model.optimizer.fused", "model.optimizer.weight_decay=0.0", "+model.latents.sample_posterior=false"])
+            "~model.optimizer.fused", "model.optimizer.weight_decay=0.0", "model.latents.sample_posterior=false"])
     torch.manual_seed(0)
     module = instantiate_module(cfg.model)
     module.training_step = types.MethodType(per_sample_noise_step, module)

@@ -55,7 +55,7 @@ def worker(rank: int, output: str) -> None:
         "managed_frozen": sorted(n for n in managed if n.startswith(("vae.", "text_encoder."))),
         "optimizer_is_unet": optimized == {id(p) for p in module.network.parameters()},
         "local_numel": {name: sum(p.numel() for p in getattr(module, name).parameters())
-                        for name in ("unet", "vae", "text_encoder")},
+                        for name in ("network", "vae", "text_encoder")},
     }
 
     generator = torch.Generator().manual_seed(rank)

@@ -45,14 +45,14 @@ def test_fsdp_wraps_the_unet_only_its_sharded_checkpoint_loads_in_one_process_an
     from tests.training.fsdp_cpu_run import tiny_module
 
     single = tiny_module()
-    whole = {name: sum(p.numel() for p in getattr(single, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    whole = {name: sum(p.numel() for p in getattr(single, name).parameters()) for name in ("network", "vae", "text_encoder")}
     assert report["units"].count("UNetModel") == 2  # the U-Net and its EMA copy
     assert report["units"].count("TimestepEmbedSequential") == 2 * len(
         [m for m in single.network.modules() if type(m).__name__ == "TimestepEmbedSequential"])
     assert report["managed_frozen"] == []  # no VAE or text-encoder parameter inside a FlatParameter
     assert report["optimizer_is_unet"]
     assert report["local_numel"]["vae"] == whole["vae"] and report["local_numel"]["text_encoder"] == whole["text_encoder"]
-    assert report["local_numel"]["unet"] < 0.6 * whole["unet"]  # about half of the U-Net per rank
+    assert report["local_numel"]["network"] < 0.6 * whole["network"]  # about half of the U-Net per rank
 
     consolidated = tmp_path / "single.ckpt"
     subprocess.run([sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint",
