@@ -1,8 +1,8 @@
 """Training objectives side by side: the demo recipe with epsilon (today's), flow matching (logit-normal
 times) and EDM, at the demo's budget (its step count and time cap), two seeds each, alternating.
 
-Each run is ``python train.py experiment=demo`` with the objective's overrides (flow and EDM also set
-``model.objective.loss_weighting=uniform``: the demo's min-SNR weighting is a discrete-diffusion setting). Each
+Each run is ``python train.py experiment=demo`` with the objective's overrides (``model/objective=flow|edm``
+replaces the demo's discrete objective with its min-SNR weighting whole). Each
 model is then scored with the evaluation job's code path (``generate_and_score``) on the built-in
 validation captions: prompt adherence (all three facts right) and FID/KID on the offline scene-classifier
 features. Samplers get about the same number of model calls: DDIM 50 steps, flow Euler 50 steps, EDM
@@ -41,9 +41,8 @@ from ldm.pipeline import TextToImagePipeline  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = {
     "epsilon": {"overrides": [], "steps": 50},
-    "flow (logit-normal)": {"overrides": ["model/objective=flow", "model.objective.loss_weighting=uniform",
-                                      "callbacks.sample_grid.sampler=null"], "steps": 50},
-    "edm": {"overrides": ["model/objective=edm", "model.objective.loss_weighting=uniform", "callbacks.sample_grid.sampler=null"], "steps": 25},
+    "flow (logit-normal)": {"overrides": ["model/objective=flow", "callbacks.sample_grid.sampler=null"], "steps": 50},
+    "edm": {"overrides": ["model/objective=edm", "callbacks.sample_grid.sampler=null"], "steps": 25},
 }
 FULL_SYNTHETIC = dict(num_train=4096, num_val=256, samples_per_shard=256, resolution=32, seed=0)
 TINY_SYNTHETIC = dict(num_train=256, num_val=64, samples_per_shard=64, resolution=32, seed=0)

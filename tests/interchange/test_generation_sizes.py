@@ -54,4 +54,4 @@ def test_the_sample_tool_writes_every_prompt_at_each_size_and_one_mixed_grid(tmp
     assert [Image.open(path).size for path in paths] == [(64, 32), (64, 32), (32, 48), (32, 48)]
     assert (tmp_path / "out" / "grid.png").is_file()
     with pytest.raises(ValueError, match="height=40 and width=32 must be positive multiples of 16"):
-        sample_main(["--model", str(checkpoint), "--prompt", "a", "--size", "40x32", "--out-dir", str(tmp_path)])
+        sample_main(["--model", str(checkpoint), "--prompt", "a", "--size", "40x32", "--out-dir", str(tmp_path / "refused")])
